@@ -1,0 +1,28 @@
+# CUDA is AUTO by default: found nvcc -> the CUDA parts are built, so CUDA code
+# is compiled on every machine with the toolkit (CI included) even without a GPU.
+# Architectures default to 80 and 90; override with -DCMAKE_CUDA_ARCHITECTURES=...
+set(PARITRON_HAVE_CUDA OFF)
+if(NOT PARITRON_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)   # must be set before enable_language(CUDA)
+    endif()
+    enable_language(CUDA)
+    # CMake 3.25 has no C++20 dialect flag for nvcc (shared/toolchain.md, pitfall 1).
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA_STANDARD 20)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    find_package(CUDAToolkit REQUIRED)
+    set(PARITRON_HAVE_CUDA ON)
+  elseif(PARITRON_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "PARITRON_CUDA=ON but no CUDA compiler (nvcc) was found")
+  else()
+    message(STATUS "nvcc not found: building without the CUDA parts")
+  endif()
+endif()

@@ -1,0 +1,35 @@
+# Flags for project code and helpers that define libraries and tests.
+
+# Project code compiles warning-free; third-party headers come in as SYSTEM.
+# -ffp-contract=off: the reference emulates one rounding per operation and the
+# single-source math must give the same bits on CPU and GPU, so the host
+# compiler may not fuse a*b+c into an FMA behind our back (GCC does by default
+# in GNU mode and with -march flags). Kernels that want FMA call std::fma.
+set(PARITRON_CXX_FLAGS -Wall -Wextra -Werror -ffp-contract=off)
+set(PARITRON_CUDA_FLAGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-ffp-contract=off
+    --expt-relaxed-constexpr)
+
+if(PARITRON_SANITIZE)
+  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  add_link_options(-fsanitize=address,undefined)
+endif()
+
+function(paritron_target_flags target)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CXX>:${PARITRON_CXX_FLAGS}>
+    $<$<COMPILE_LANGUAGE:CUDA>:${PARITRON_CUDA_FLAGS}>)
+  target_include_directories(${target} PUBLIC ${PROJECT_SOURCE_DIR})
+endfunction()
+
+# paritron_add_test(NAME <name> SOURCES <files...> [LIBS <libs...>] [LABELS <labels...>])
+# One executable per test file keeps a broken test from hiding the others and
+# lets ctest run them in parallel. Tests are GoogleTest (+ RapidCheck).
+function(paritron_add_test)
+  cmake_parse_arguments(T "" "NAME" "SOURCES;LIBS;LABELS" ${ARGN})
+  add_executable(${T_NAME} ${T_SOURCES})
+  paritron_target_flags(${T_NAME})
+  target_link_libraries(${T_NAME} PRIVATE ${T_LIBS} rapidcheck_gtest rapidcheck GTest::gtest GTest::gtest_main)
+  target_compile_definitions(${T_NAME} PRIVATE PARITRON_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+  gtest_discover_tests(${T_NAME} DISCOVERY_MODE PRE_TEST
+                       PROPERTIES LABELS "${T_LABELS}")
+endfunction()
