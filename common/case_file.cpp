@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/strict_json.h"
 
 namespace paritron {
 namespace {
@@ -37,49 +38,15 @@ constexpr int kMaxJsonDepth = 64;
   throw CaseFormatError(fmt::format("{}: {}", source, problem));
 }
 
-std::string json_quoted(std::string_view text) {
-  return json(std::string(text)).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
 bool is_known_key(std::string_view key) {
   return std::find(std::begin(kKnownKeys), std::end(kKnownKeys), key) != std::end(kKnownKeys);
 }
 
-// A metadata value that holds JSON. nlohmann would keep the last of duplicate
-// keys without a word (two tolerances for one tensor: which one was meant?)
-// and would stop at a NUL byte, so both are refused here.
+// A metadata value that holds JSON, parsed strictly (common/strict_json.h):
+// two tolerances for one tensor would leave it unclear which one was meant.
 json parse_metadata_json(std::string_view text, std::string_view key, const std::string& source) {
   const std::string what = fmt::format("metadata {}", json_quoted(key));
-  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
-    fail(source, fmt::format("{} is not valid JSON: NUL character at offset {}", what, nul));
-  }
-  std::vector<std::set<std::string>> open_objects;
-  auto watch = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= kMaxJsonDepth) fail(source, fmt::format("{} nests deeper than {} levels", what, kMaxJsonDepth));
-        if (event == json::parse_event_t::object_start) open_objects.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const auto& name = parsed.get_ref<const std::string&>();
-        if (!open_objects.empty() && !open_objects.back().insert(name).second) {
-          fail(source, fmt::format("{} has the key {} twice", what, json_quoted(name)));
-        }
-        break;
-      }
-      default: break;
-    }
-    return true;
-  };
-  try {
-    return json::parse(text.begin(), text.end(), watch);
-  } catch (const json::exception& e) {
-    fail(source, fmt::format("{} is not valid JSON: {}", what, e.what()));
-  }
+  return parse_strict_json(text, source, {.what = what, .max_depth = kMaxJsonDepth});
 }
 
 // A whole string as a decimal integer (no sign, spaces or fraction).

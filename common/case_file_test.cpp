@@ -284,7 +284,7 @@ TEST(CaseFileRejects, MissingOrMalformedConfig) {
   expect_case_rejected(without_metadata("config"), "metadata has no \"config\"");
   expect_case_rejected(with_metadata("config", "{"), "metadata \"config\" is not valid JSON");
   expect_case_rejected(with_metadata("config", ""), "metadata \"config\" is not valid JSON");
-  expect_case_rejected(with_metadata("config", std::string("{}\0x", 4)), "NUL character");
+  expect_case_rejected(with_metadata("config", std::string("{}\0x", 4)), "NUL byte");
   expect_case_rejected(with_metadata("config", "[1]"), "metadata \"config\" is not a JSON object");
   expect_case_rejected(with_metadata("config", R"({"num_layers": 1, "hidden_size": 4, "hidden_size": 8, "num_attention_heads": 1})"),
                        "metadata \"config\" has the key \"hidden_size\" twice");

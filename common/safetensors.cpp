@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/strict_json.h"
 
 namespace paritron {
 namespace {
@@ -82,11 +83,6 @@ size_t first_invalid_utf8(std::string_view s) {
   return std::string_view::npos;
 }
 
-// A name as a JSON string literal: quoted, control characters escaped.
-std::string json_quoted(std::string_view name) {
-  return json(std::string(name)).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
 // A value's JSON text for a message, cut short.
 std::string brief(const json& value) {
   std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -105,42 +101,14 @@ std::string kind(const json& value) {
   }
 }
 
-// Parses the header text. nlohmann keeps the last of duplicate keys without a
-// word, so the callback watches every object's keys and refuses a repeat: in
-// a safetensors header a repeated name means two tensors claim one name.
+// Parses the header text strictly (common/strict_json.h): in a safetensors
+// header a repeated name means two tensors claim one name.
 json parse_header_json(std::string_view text, const std::string& source) {
-  std::vector<std::set<std::string>> open_objects;
-  auto watch = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= kMaxJsonDepth) {
-          fail(source, fmt::format("header JSON nests deeper than {} levels", kMaxJsonDepth));
-        }
-        if (event == json::parse_event_t::object_start) open_objects.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!open_objects.empty() && !open_objects.back().insert(key).second) {
-          if (depth == 1 && key != kMetadataKey) {
-            fail(source, fmt::format("duplicate tensor name {} in the header", json_quoted(key)));
-          }
-          fail(source, fmt::format("duplicate key {} in the header JSON", json_quoted(key)));
-        }
-        break;
-      }
-      default: break;
-    }
-    return true;
+  const auto duplicate = [](int depth, const std::string& key) {
+    if (depth == 1 && key != kMetadataKey) return fmt::format("duplicate tensor name {} in the header", json_quoted(key));
+    return fmt::format("duplicate key {} in the header JSON", json_quoted(key));
   };
-  try {
-    return json::parse(text.begin(), text.end(), watch);
-  } catch (const json::exception& e) {
-    fail(source, fmt::format("header is not valid JSON: {}", e.what()));
-  }
+  return parse_strict_json(text, source, {.what = "header", .max_depth = kMaxJsonDepth, .duplicate_message = duplicate});
 }
 
 // A JSON integer in [0, INT64_MAX]: extents and offsets. The int64 bound keeps
@@ -317,11 +285,6 @@ SafetensorsFile parse_safetensors(std::span<const std::byte> bytes, const std::s
   if (const size_t bad = first_invalid_utf8(header_text); bad != std::string_view::npos) {
     fail(source, fmt::format("header is not valid UTF-8 (byte 0x{:02x} at header offset {})",
                              static_cast<unsigned char>(header_text[bad]), bad));
-  }
-  // nlohmann stops at a NUL byte as if the input ended there, which would let
-  // "{}\0garbage" through; raw NUL is never valid JSON, so refuse it here.
-  if (const size_t nul = header_text.find('\0'); nul != std::string_view::npos) {
-    fail(source, fmt::format("header is not valid JSON: NUL byte at header offset {}", nul));
   }
   // nlohmann skips a leading byte order mark; serde (and so Python) does not.
   if (header_text.starts_with("\xEF\xBB\xBF")) {

@@ -397,8 +397,8 @@ TEST(SafetensorsRejects, HeaderThatIsNotJsonOrNotAnObject) {
   expect_rejected(make_file("{}x"), "header is not valid JSON");
   expect_rejected(make_file("{} // comment"), "header is not valid JSON");
   // nlohmann would stop at a NUL byte and accept this; serde (and so Python) refuses it.
-  expect_rejected(make_file(std::string("{}\0\0", 4)), "header is not valid JSON: NUL byte at header offset 2");
-  expect_rejected(make_file(std::string("{\"a\0\":1}", 8)), "NUL byte at header offset 3");
+  expect_rejected(make_file(std::string("{}\0\0", 4)), "header is not valid JSON: NUL byte at offset 2");
+  expect_rejected(make_file(std::string("{\"a\0\":1}", 8)), "NUL byte at offset 3");
   expect_rejected(make_file("\xEF\xBB\xBF{}"), "header is not valid JSON: it starts with a UTF-8 byte order mark");
   expect_rejected(make_file("[]"), "header JSON is an array, not an object");
   expect_rejected(make_file("3"), "header JSON is a number, not an object");
