@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/parallel_config.h"
 #include "common/strict_json.h"
 
 namespace paritron {
@@ -46,7 +47,7 @@ bool is_known_key(std::string_view key) {
 // two tolerances for one tensor would leave it unclear which one was meant.
 json parse_metadata_json(std::string_view text, std::string_view key, const std::string& source) {
   const std::string what = fmt::format("metadata {}", json_quoted(key));
-  return parse_strict_json(text, source, {.what = what, .max_depth = kMaxJsonDepth});
+  return parse_strict_json<json>(text, source, {.what = what, .max_depth = kMaxJsonDepth});
 }
 
 // A whole string as a decimal integer (no sign, spaces or fraction).
@@ -166,6 +167,11 @@ Case parse_case_metadata(const std::map<std::string, std::string>& metadata, con
     if (!parse_metadata_json(*v, "parallel", source).is_object()) {
       fail(source, "metadata \"parallel\" is not a JSON object");
     }
+    try {
+      parallel_from_json_text(*v).validate();
+    } catch (const ConfigError& e) {
+      fail(source, fmt::format("metadata \"parallel\" is not a valid layout: {}", e.what()));
+    }
     c.parallel = *v;
   }
   if (const std::string* v = find("producer")) c.producer = *v;
@@ -178,6 +184,13 @@ Case parse_case_metadata(const std::map<std::string, std::string>& metadata, con
 
 // Why a tensor name breaks the naming rule, or "".
 std::string tensor_name_problem(std::string_view name) {
+  // Gradients are of an input or of a weight: grads.inputs.<name>, grads.weights.<key>.
+  if (name.starts_with("grads.")) {
+    for (std::string_view prefix : {std::string_view("grads.inputs."), std::string_view("grads.weights.")}) {
+      if (name.starts_with(prefix)) return name.size() > prefix.size() ? "" : fmt::format("nothing follows \"{}\"", prefix);
+    }
+    return "a gradient must be named grads.inputs.<name> or grads.weights.<key>";
+  }
   for (std::string_view prefix : kTensorPrefixes) {
     if (name.starts_with(prefix)) {
       return name.size() > prefix.size() ? "" : fmt::format("nothing follows \"{}\"", prefix);
@@ -223,6 +236,8 @@ const std::vector<std::string_view>& case_components() {
 }
 
 std::optional<Tolerance> Case::tolerance_for(const std::string& tensor_name, DType expected_dtype) const {
+  // Indices, counts and masks match exactly, whatever a pattern says (case-format.md).
+  if (is_integral(expected_dtype)) return Tolerance{0.0, 0.0};
   const Tolerance* best = nullptr;
   size_t best_length = 0;
   bool best_exact = false;
@@ -245,13 +260,8 @@ std::optional<Tolerance> Case::tolerance_for(const std::string& tensor_name, DTy
     case DType::BF16:
     case DType::F8_E4M3:
     case DType::F8_E5M2: return std::nullopt;  // the parity tolerance model judges these
-    case DType::I64:
-    case DType::I32:
-    case DType::I8:
-    case DType::U8:
-    case DType::BOOL: return Tolerance{0.0, 0.0};
+    default: return std::nullopt;
   }
-  return std::nullopt;
 }
 
 Case case_from_safetensors(const SafetensorsFile& file, const std::string& source) {

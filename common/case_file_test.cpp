@@ -244,7 +244,8 @@ TEST(CaseFile, ToleranceForPicksTheLongestMatchingKey) {
                  {"grads.weights.router.weight", {5, 5}}};
   EXPECT_EQ(c.tolerance_for("outputs.output", DType::F32)->rtol, 4);  // exact beats a pattern of equal length
   EXPECT_EQ(c.tolerance_for("outputs.output_bias", DType::F32)->rtol, 3);
-  EXPECT_EQ(c.tolerance_for("outputs.router_indices", DType::I64)->rtol, 2);
+  EXPECT_EQ(c.tolerance_for("outputs.router_indices", DType::I64)->rtol, 0);  // integers: always exact
+  EXPECT_EQ(c.tolerance_for("outputs.router_indices", DType::F32)->rtol, 2);
   EXPECT_EQ(c.tolerance_for("grads.weights.router.weight", DType::F64)->rtol, 5);
   EXPECT_EQ(c.tolerance_for("grads.inputs.hidden_states", DType::BF16)->rtol, 1);
 
@@ -327,6 +328,10 @@ TEST(CaseFileRejects, BadOptionalValues) {
   expect_case_rejected(with_metadata("parallel", "tp=2"), "metadata \"parallel\" is not valid JSON");
   expect_case_rejected(with_metadata("parallel", "[2]"), "metadata \"parallel\" is not a JSON object");
   expect_case_rejected(with_metadata("parallel", R"({"a":1,"a":2})"), "metadata \"parallel\" has the key \"a\" twice");
+  expect_case_rejected(with_metadata("parallel", R"({"tp":"x"})"), "metadata \"parallel\" is not a valid layout: ");
+  expect_case_rejected(with_metadata("parallel", R"({"tensor_model_parallel_size":1,"sequence_parallel":true})"),
+                       "sequence_parallel");
+  EXPECT_NO_THROW(case_from_safetensors(with_metadata("parallel", R"({"tensor_model_parallel_size":2,"data_parallel_size":2})"), "ok"));
 }
 
 TEST(CaseFileRejects, BadTolerance) {
@@ -350,7 +355,8 @@ TEST(CaseFileRejects, BadTolerance) {
 }
 
 TEST(CaseFileRejects, TensorNamesOutsideTheFourGroups) {
-  for (const char* name : {"hidden_states", "weights.", "Weights.x", "output.output", "grads", ""}) {
+  for (const char* name : {"hidden_states", "weights.", "Weights.x", "output.output", "grads", "", "grads.bogus",
+                           "grads.inputs.", "grads.output"}) {
     SafetensorsFile file = base_file();
     file.tensors.emplace_back(name, Tensor());
     expect_case_rejected(file, "tensor name \"" + std::string(name) + "\": ");

@@ -57,6 +57,7 @@ CompareReport compare(const std::string& name, const Tensor& expected, const Ten
   }
   const bool exact = is_integral(expected.dtype()) || is_integral(actual.dtype());
   if (exact) tolerance = {};  // indices, counts and masks must match exactly
+  const bool both_integral = is_integral(expected.dtype()) && is_integral(actual.dtype());
   r.tolerance = tolerance;
 
   double sum_sq_err = 0.0, sum_sq_exp = 0.0, sum_sq_act = 0.0, dot = 0.0;
@@ -69,7 +70,7 @@ CompareReport compare(const std::string& name, const Tensor& expected, const Ten
     bool fails = false;
     double err = 0.0;
     if (std::isnan(e) || std::isnan(a)) {
-      fails = std::isnan(e) != std::isnan(a);
+      fails = !(options.equal_nan && std::isnan(e) && std::isnan(a));
       if (fails) ++r.nan_mismatches;
     } else if (std::isinf(e) || std::isinf(a)) {
       fails = e != a;
@@ -84,7 +85,7 @@ CompareReport compare(const std::string& name, const Tensor& expected, const Ten
       r.max_abs_error = std::max(r.max_abs_error, err);
       if (e != 0.0) r.max_rel_error = std::max(r.max_rel_error, err / std::abs(e));
       r.max_ulp_distance = std::max(r.max_ulp_distance, ulp_distance(e, a, actual.dtype()));
-      fails = !(err <= allowed);
+      fails = both_integral ? expected.get_int(i) != actual.get_int(i) : !(err <= allowed);
     }
     // How badly the element fares: error over allowance; infinite for a
     // non-finite mismatch or for any error where nothing was allowed.

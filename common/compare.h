@@ -1,9 +1,12 @@
 // The one place results are compared (style.md, "One comparison").
 //
-// compare(expected, actual, tolerance) walks both tensors element by element:
-// NaN and infinities first (a NaN or inf must be matched by the same NaN-ness /
-// the same signed inf), then |actual - expected| <= atol + rtol * |expected|
-// (shared/spec/case-format.md). Integer and boolean tensors must match exactly.
+// compare(expected, actual, tolerance) walks both tensors element by element
+// with torch.allclose's semantics, which is what the case format's rule
+// |actual - expected| <= atol + rtol * |expected| (shared/spec/case-format.md)
+// means for non-finite values: an infinity passes only against the same
+// infinity, and a NaN never passes (unless CompareOptions::equal_nan, where
+// NaN matches NaN). Integer and boolean tensors must match exactly, compared
+// as integers (not through double, which would merge values past 2^53).
 // It reports the error metrics Paritron uses everywhere: max abs / max rel
 // error, RMS error, NMSE, cosine similarity, ULP distance in the actual's float
 // format, and the worst element and the first out-of-tolerance elements with
@@ -38,7 +41,7 @@ struct CompareReport {
   Tolerance tolerance;
   int64_t numel = 0;
   bool shape_mismatch = false;
-  std::string mismatch_detail;  // why shapes/dtypes cannot be compared
+  std::string mismatch_detail;  // why the shapes cannot be compared
 
   double max_abs_error = 0.0;
   double max_rel_error = 0.0;   // max over elements with expected != 0 of |err| / |expected|
@@ -47,7 +50,7 @@ struct CompareReport {
   double cosine_similarity = 1.0;
   int64_t max_ulp_distance = 0; // in the actual's float format (F64 for integers: 0/exact)
 
-  int64_t nan_mismatches = 0;   // NaN on one side only
+  int64_t nan_mismatches = 0;   // failing NaNs: on one side only, or on both without equal_nan
   int64_t inf_mismatches = 0;   // inf on one side only, or infs of opposite sign
   int64_t out_of_tolerance = 0; // elements failing the test, non-finite mismatches included
   ElementReport worst;          // largest abs_error / allowed (or first non-finite mismatch)
@@ -60,6 +63,7 @@ struct CompareReport {
 
 struct CompareOptions {
   int max_failures_listed = 10;
+  bool equal_nan = false;  // NaN in both tensors at one element counts as a match
 };
 
 CompareReport compare(const std::string& name, const Tensor& expected, const Tensor& actual,

@@ -56,15 +56,18 @@ TEST(Compare, IdenticalTensorsPass) {
   EXPECT_EQ(r.summary().find("worst"), std::string::npos);
 }
 
-TEST(Compare, NanMustBeMatchedByNan) {
+TEST(Compare, NanNeverPassesUnlessEqualNanIsAsked) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const Tensor expected = make(DType::F64, {3}, {nan, 1.0, 2.0});
-  EXPECT_TRUE(compare("x", expected, make(DType::F64, {3}, {nan, 1.0, 2.0}), {}).ok());
-  const CompareReport r = compare("x", expected, make(DType::F64, {3}, {nan, nan, 2.0}), {.rtol = 1, .atol = 1});
+  const CompareReport strict = compare("x", expected, make(DType::F64, {3}, {nan, 1.0, 2.0}), {.rtol = 1, .atol = 1});
+  EXPECT_FALSE(strict.ok());  // torch.allclose(equal_nan=False)
+  EXPECT_EQ(strict.nan_mismatches, 1);
+  EXPECT_TRUE(compare("x", expected, make(DType::F64, {3}, {nan, 1.0, 2.0}), {}, {.equal_nan = true}).ok());
+  const CompareReport r = compare("x", expected, make(DType::F64, {3}, {nan, nan, 2.0}), {.rtol = 1, .atol = 1}, {.equal_nan = true});
   EXPECT_FALSE(r.ok());
   EXPECT_EQ(r.nan_mismatches, 1);
   EXPECT_EQ(r.worst.flat_index, 1);
-  const CompareReport r2 = compare("x", expected, make(DType::F64, {3}, {0.0, 1.0, 2.0}), {.rtol = 1, .atol = 1});
+  const CompareReport r2 = compare("x", expected, make(DType::F64, {3}, {0.0, 1.0, 2.0}), {.rtol = 1, .atol = 1}, {.equal_nan = true});
   EXPECT_EQ(r2.nan_mismatches, 1);
   EXPECT_NE(r2.summary().find("NaN mismatches"), std::string::npos);
 }
@@ -84,6 +87,12 @@ TEST(Compare, IntegersAreExactWhateverTheTolerance) {
   EXPECT_FALSE(r.ok());
   EXPECT_EQ(r.tolerance.atol, 0.0);
   EXPECT_TRUE(compare("m", make(DType::BOOL, {2}, {0, 1}), make(DType::BOOL, {2}, {0, 1}), {}).ok());
+  // Past 2^53 neighbouring integers are one double: they must still differ.
+  Tensor a(DType::I64, {1}), b(DType::I64, {1});
+  a.set_int(0, int64_t{1} << 53);
+  b.set_int(0, (int64_t{1} << 53) + 1);
+  EXPECT_FALSE(compare("counts", a, b, {}).ok());
+  EXPECT_TRUE(compare("counts", b, b, {}).ok());
 }
 
 TEST(Compare, ShapeMismatchIsReported) {

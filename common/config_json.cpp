@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/config_json.h"
+#include "common/strict_json.h"
 #include "common/transformer_config.h"
 
 namespace paritron {
@@ -425,12 +426,11 @@ std::optional<std::string_view> closest_field_name(std::string_view name) {
 // ---------------------------------------------------------------------------
 
 LoadedConfig config_from_json_text(std::string_view json_text, bool validate) {
-  Json root;
-  try {
-    root = Json::parse(json_text.begin(), json_text.end());
-  } catch (const Json::parse_error& e) {
-    throw ConfigError("<json>", "", std::string("does not parse as JSON: ") + e.what());
-  }
+  // Strict: a repeated field would otherwise keep its last value silently.
+  const Json root = parse_strict_json<Json>(
+      json_text, "config", {.what = "the config", .fail = [](const std::string& problem) {
+                              throw ConfigError("<json>", "", problem);
+                            }});
   if (!root.is_object()) {
     throw ConfigError("<json>", shown(root),
                       "must be a JSON object of TransformerConfig fields (got " + json_type(root) + ")");

@@ -165,7 +165,17 @@ TEST(ConfigJson, ParseErrorsNameTheJson) {
   std::vector<ConfigIssue> issues = load_issues(R"({"num_layers": 2,)");
   ASSERT_EQ(issues.size(), 1u);
   EXPECT_EQ(issues[0].field, "<json>");
-  EXPECT_NE(issues[0].rule.find("does not parse as JSON"), std::string::npos);
+  EXPECT_NE(issues[0].rule.find("is not valid JSON"), std::string::npos);
+  // What nlohmann would accept silently or report as another exception type.
+  issues = load_issues(R"({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "hidden_size": 128})");
+  ASSERT_EQ(issues.size(), 1u);
+  EXPECT_NE(issues[0].rule.find("has the key \"hidden_size\" twice"), std::string::npos) << describe(issues);
+  issues = load_issues(std::string("{\"num_layers\": 2}\0garbage", 25));
+  ASSERT_EQ(issues.size(), 1u);
+  EXPECT_NE(issues[0].rule.find("NUL byte"), std::string::npos) << describe(issues);
+  issues = load_issues(R"({"num_layers": 2, "hidden_dropout": 1e400})");
+  ASSERT_EQ(issues.size(), 1u);
+  EXPECT_NE(issues[0].rule.find("number overflow"), std::string::npos) << describe(issues);
   issues = load_issues("[1, 2]");
   ASSERT_EQ(issues.size(), 1u);
   EXPECT_EQ(issues[0].field, "<json>");

@@ -2,19 +2,18 @@
 
 #include <algorithm>
 #include <charconv>
+#include <limits>
 #include <map>
 #include <set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "common/strict_json.h"
 #include "common/transformer_config.h"
 
 namespace paritron {
 
-int64_t ParallelConfig::world_size() const {
-  return tensor_model_parallel_size * context_parallel_size * data_parallel_size * pipeline_model_parallel_size;
-}
 
 std::string ParallelConfig::layout_name() const {
   std::string name = fmt::format("tp{}-pp{}-dp{}-cp{}-ep{}", tensor_model_parallel_size, pipeline_model_parallel_size,
@@ -63,54 +62,75 @@ ParallelConfig ParallelConfig::parse_layout(std::string_view layout) {
   return pc;
 }
 
-std::vector<ConfigIssue> ParallelConfig::check() const {
+namespace {
+// Layouts past this many ranks are refused: it keeps every rank product in
+// int64 range (and no machine has more).
+constexpr int64_t kMaxWorldSize = int64_t{1} << 31;
+
+// The fields of TransformerConfig that a layout sets.
+bool is_layout_field(const std::string& field) {
+  return field == "tensor_model_parallel_size" || field == "pipeline_model_parallel_size" ||
+         field == "virtual_pipeline_model_parallel_size" || field == "context_parallel_size" ||
+         field == "expert_model_parallel_size" || field == "sequence_parallel";
+}
+
+// Sizes >= 1 and a world that fits: what the rank arithmetic needs.
+std::vector<ConfigIssue> arithmetic_issues(const ParallelConfig& pc) {
   std::vector<ConfigIssue> issues;
-  const auto add = [&](std::string field, auto value, std::string rule) {
-    issues.push_back({std::move(field), fmt::format("{}", value), std::move(rule)});
-  };
   const std::pair<const char*, int64_t> sizes[] = {
-      {"tensor_model_parallel_size", tensor_model_parallel_size},
-      {"pipeline_model_parallel_size", pipeline_model_parallel_size},
-      {"context_parallel_size", context_parallel_size},
-      {"expert_model_parallel_size", expert_model_parallel_size},
-      {"data_parallel_size", data_parallel_size}};
+      {"tensor_model_parallel_size", pc.tensor_model_parallel_size},
+      {"pipeline_model_parallel_size", pc.pipeline_model_parallel_size},
+      {"context_parallel_size", pc.context_parallel_size},
+      {"expert_model_parallel_size", pc.expert_model_parallel_size},
+      {"data_parallel_size", pc.data_parallel_size}};
+  int64_t world = 1;
   bool sizes_ok = true;
   for (const auto& [name, size] : sizes) {
     if (size < 1) {
-      add(name, size, "must be at least 1");
+      issues.push_back({name, std::to_string(size), "must be >= 1"});
       sizes_ok = false;
+    } else {
+      world = size > kMaxWorldSize / world ? kMaxWorldSize + 1 : world * size;
     }
   }
-  if (virtual_pipeline_model_parallel_size) {
-    if (*virtual_pipeline_model_parallel_size < 1) {
-      add("virtual_pipeline_model_parallel_size", *virtual_pipeline_model_parallel_size, "must be at least 1");
-    } else if (pipeline_model_parallel_size <= 2) {
-      // initialize_model_parallel (0.5.0) asks for pp > 2 with the interleaved
-      // schedule; newer versions accept pp = 2. Paritron follows 0.5.0, as
-      // TransformerConfig validation does.
-      add("virtual_pipeline_model_parallel_size", *virtual_pipeline_model_parallel_size,
-          fmt::format("needs pipeline_model_parallel_size > 2 (is {}; Megatron 0.5.0's interleaved schedule)",
-                      pipeline_model_parallel_size));
-    }
+  if (pc.virtual_pipeline_model_parallel_size && *pc.virtual_pipeline_model_parallel_size < 1) {
+    issues.push_back({"virtual_pipeline_model_parallel_size", std::to_string(*pc.virtual_pipeline_model_parallel_size),
+                      "must be >= 1"});
   }
-  if (!sizes_ok) return issues;
-  // initialize_model_parallel: EP is carved out of DP.
+  if (sizes_ok && world > kMaxWorldSize) {
+    issues.push_back({"data_parallel_size", std::to_string(pc.data_parallel_size),
+                      fmt::format("makes the world tp * cp * dp * pp larger than {} ranks", kMaxWorldSize)});
+  }
+  return issues;
+}
+
+// The rank functions divide by the sizes: refuse a layout they cannot handle.
+void require_arithmetic(const ParallelConfig& pc) {
+  std::vector<ConfigIssue> issues = arithmetic_issues(pc);
+  if (!issues.empty()) throw ConfigError(std::move(issues));
+}
+}  // namespace
+
+int64_t ParallelConfig::world_size() const {
+  require_arithmetic(*this);
+  return tensor_model_parallel_size * context_parallel_size * data_parallel_size * pipeline_model_parallel_size;
+}
+
+std::vector<ConfigIssue> ParallelConfig::check() const {
+  std::vector<ConfigIssue> issues = arithmetic_issues(*this);
+  if (!issues.empty()) return issues;
+  // initialize_model_parallel: EP is carved out of DP (dp is not a config field).
   if (data_parallel_size % expert_model_parallel_size != 0) {
-    add("data_parallel_size", data_parallel_size,
-        fmt::format("must be divisible by expert_model_parallel_size ({})", expert_model_parallel_size));
+    issues.push_back({"data_parallel_size", std::to_string(data_parallel_size),
+                      fmt::format("must be divisible by expert_model_parallel_size ({})", expert_model_parallel_size)});
   }
-  if (expert_model_parallel_size > 1 && context_parallel_size > 1) {
-    add("expert_model_parallel_size", expert_model_parallel_size,
-        fmt::format("cannot be combined with context_parallel_size ({}) (initialize_model_parallel)",
-                    context_parallel_size));
-  }
-  // ModelParallelConfig.__post_init__ rules 1 and 4.
-  if (sequence_parallel && tensor_model_parallel_size <= 1) {
-    add("sequence_parallel", "true", "needs tensor_model_parallel_size > 1 (no sequence parallelism without tensor parallelism)");
-  }
-  if (expert_model_parallel_size > 1 && tensor_model_parallel_size > 1 && !sequence_parallel) {
-    add("sequence_parallel", "false",
-        "must be true when expert_model_parallel_size > 1 and tensor_model_parallel_size > 1");
+  // The rules between the parallel sizes themselves (SP needs TP, EP with TP
+  // needs SP, VP needs pp > 2, no EP with CP) are TransformerConfig's: written
+  // once there, evaluated here on an empty model and kept when they are about
+  // the layout's fields, so check_fits() reports each of them once.
+  TransformerConfig empty_model = with_parallel(TransformerConfig{}, *this);
+  for (ConfigIssue& issue : check_config(empty_model)) {
+    if (is_layout_field(issue.field)) issues.push_back(std::move(issue));
   }
   return issues;
 }
@@ -121,6 +141,7 @@ void ParallelConfig::validate() const {
 }
 
 RankCoordinates rank_coordinates(const ParallelConfig& pc, int64_t rank) {
+  require_arithmetic(pc);
   if (rank < 0 || rank >= pc.world_size()) {
     throw Error(fmt::format("rank {} is outside the world of {} ranks ({})", rank, pc.world_size(), pc.layout_name()));
   }
@@ -136,6 +157,7 @@ RankCoordinates rank_coordinates(const ParallelConfig& pc, int64_t rank) {
 }
 
 int64_t global_rank(const ParallelConfig& pc, int64_t tp, int64_t cp, int64_t dp, int64_t pp) {
+  require_arithmetic(pc);
   const int64_t TP = pc.tensor_model_parallel_size, CP = pc.context_parallel_size, DP = pc.data_parallel_size;
   if (tp < 0 || tp >= TP || cp < 0 || cp >= CP || dp < 0 || dp >= DP || pp < 0 || pp >= pc.pipeline_model_parallel_size) {
     throw Error(fmt::format("coordinates tp={} cp={} dp={} pp={} are outside layout {}", tp, cp, dp, pp, pc.layout_name()));
@@ -236,12 +258,14 @@ std::vector<std::vector<int64_t>> all_groups(const ParallelConfig& pc, GroupKind
 }
 
 int64_t num_layers_to_build(const ParallelConfig& pc, int64_t num_layers) {
+  require_arithmetic(pc);
   const int64_t per_stage = num_layers / pc.pipeline_model_parallel_size;
   return pc.virtual_pipeline_model_parallel_size ? per_stage / *pc.virtual_pipeline_model_parallel_size : per_stage;
 }
 
-// TransformerBlock._get_layer_offset (0.5.0).
+// TransformerLayer._get_layer_offset (0.5.0).
 int64_t layer_offset(const ParallelConfig& pc, int64_t num_layers, int64_t pp_rank, int64_t vp_rank) {
+  require_arithmetic(pc);
   const int64_t pp = pc.pipeline_model_parallel_size;
   if (pp_rank < 0 || pp_rank >= pp) throw Error(fmt::format("pipeline rank {} outside pp={}", pp_rank, pp));
   const int64_t vp = pc.virtual_pipeline_model_parallel_size.value_or(1);
@@ -313,6 +337,20 @@ std::vector<ConfigIssue> check_sequence_length(const ParallelConfig& pc, int64_t
   return issues;
 }
 
+namespace {
+std::optional<int64_t> as_int64(const nlohmann::json& v) {
+  if (v.is_number_unsigned()) {
+    const auto u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  return std::nullopt;
+}
+
+std::string brief(const nlohmann::json& v) { return v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+}  // namespace
+
 std::string parallel_to_json_text(const ParallelConfig& pc, int indent) {
   nlohmann::ordered_json j;
   j["tensor_model_parallel_size"] = pc.tensor_model_parallel_size;
@@ -327,13 +365,11 @@ std::string parallel_to_json_text(const ParallelConfig& pc, int indent) {
 }
 
 ParallelConfig parallel_from_json_text(std::string_view json_text) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(json_text);
-  } catch (const nlohmann::json::exception& e) {
-    throw ConfigError("parallel", "", fmt::format("is not valid JSON: {}", e.what()));
-  }
-  if (!j.is_object()) throw ConfigError("parallel", j.dump(), "must be a JSON object");
+  const nlohmann::json j = parse_strict_json<nlohmann::json>(
+      json_text, "parallel", {.what = "the layout", .fail = [](const std::string& problem) {
+                                throw ConfigError("parallel", "", problem);
+                              }});
+  if (!j.is_object()) throw ConfigError("parallel", brief(j), "must be a JSON object");
   ParallelConfig pc;
   std::vector<ConfigIssue> issues;
   const std::map<std::string, int64_t*> sizes = {
@@ -344,26 +380,26 @@ ParallelConfig parallel_from_json_text(std::string_view json_text) {
       {"data_parallel_size", &pc.data_parallel_size}};
   for (const auto& [key, value] : j.items()) {
     if (auto it = sizes.find(key); it != sizes.end()) {
-      if (!value.is_number_integer()) {
-        issues.push_back({key, value.dump(), "must be an integer"});
+      if (const std::optional<int64_t> v = as_int64(value)) {
+        *it->second = *v;
       } else {
-        *it->second = value.get<int64_t>();
+        issues.push_back({key, brief(value), "must be an integer"});
       }
     } else if (key == "virtual_pipeline_model_parallel_size") {
       if (value.is_null()) continue;
-      if (!value.is_number_integer()) {
-        issues.push_back({key, value.dump(), "must be an integer or null"});
+      if (const std::optional<int64_t> v = as_int64(value)) {
+        pc.virtual_pipeline_model_parallel_size = *v;
       } else {
-        pc.virtual_pipeline_model_parallel_size = value.get<int64_t>();
+        issues.push_back({key, brief(value), "must be an integer or null"});
       }
     } else if (key == "sequence_parallel") {
       if (!value.is_boolean()) {
-        issues.push_back({key, value.dump(), "must be true or false"});
+        issues.push_back({key, brief(value), "must be true or false"});
       } else {
         pc.sequence_parallel = value.get<bool>();
       }
     } else {
-      issues.push_back({key, value.dump(),
+      issues.push_back({key, brief(value),
                         "is not a parallel layout field (tensor_model_parallel_size, pipeline_model_parallel_size, "
                         "virtual_pipeline_model_parallel_size, context_parallel_size, expert_model_parallel_size, "
                         "data_parallel_size, sequence_parallel)"});

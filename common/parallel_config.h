@@ -33,15 +33,16 @@ struct ParallelConfig {
   int64_t data_parallel_size = 1;            // dp
   bool sequence_parallel = false;            // sp (needs tp > 1)
 
-  int64_t world_size() const;
+  int64_t world_size() const;  // throws ConfigError for sizes < 1 or > 2^31 ranks
   // "tp2-pp2-dp1-cp1-ep1-sp" (the -sp suffix only when sequence parallel, -vpN
   // only with a virtual pipeline). parse_layout accepts the parts in any order
   // and defaults missing sizes to 1.
   std::string layout_name() const;
   static ParallelConfig parse_layout(std::string_view layout);
 
-  // Every broken rule of the layout itself (sizes >= 1, dp % ep, ep with cp,
-  // sp without tp, ep with tp needs sp, vp needs pp > 2).
+  // Every broken rule of the layout itself (sizes >= 1 and at most 2^31 ranks,
+  // dp % ep, and TransformerConfig's rules between parallel sizes: sp needs
+  // tp, ep with tp needs sp, vp needs pp > 2, no ep with cp).
   std::vector<ConfigIssue> check() const;
   void validate() const;  // throws ConfigError with every issue
 
@@ -66,7 +67,8 @@ enum class GroupKind {
   kDataWithContext,    // stride tp over the whole tp*cp*dp block (gradient all-reduce with CP)
   kPipeline,           // stride world/pp
   kModel,              // TP x PP ranks sharing (dp, cp)
-  kEmbedding,          // first and last rank of the pipeline group
+  kEmbedding,          // first and last rank of the rank's pipeline group (a middle stage is
+                       // not a member of the group it is given, as in Megatron's _EMBEDDING_GLOBAL_RANKS)
   kTensorAndData,      // TP x DP ranks sharing (cp, pp)
   kTensorDataContext,  // TP x DP x CP ranks sharing pp (the fp8 amax reduction group)
   kTensorAndExpert,    // contiguous tp*ep ranks (MoE all-gather / reduce-scatter dispatcher)
@@ -75,14 +77,16 @@ enum class GroupKind {
 };
 std::string_view group_name(GroupKind kind);
 
-// The members of the group of `kind` that contains `rank`, in group-rank order.
+// The members of the group of `kind` that contains `rank` (kEmbedding: see
+// above), in group-rank order. The rank functions throw ConfigError for a
+// layout with sizes < 1 or a world past 2^31 ranks.
 std::vector<int64_t> group_members(const ParallelConfig& pc, GroupKind kind, int64_t rank);
 // Every group of a kind: a partition of the world (the embedding group
 // excepted, which only holds pipeline end points).
 std::vector<std::vector<int64_t>> all_groups(const ParallelConfig& pc, GroupKind kind);
 
 // Pipeline layer assignment (spec §10.8; `get_num_layers_to_build` and
-// TransformerBlock's offset): 0-based global indices of the layers of model
+// TransformerLayer._get_layer_offset): 0-based global indices of the layers of model
 // chunk `vp_rank` on pipeline stage `pp_rank`.
 int64_t num_layers_to_build(const ParallelConfig& pc, int64_t num_layers);
 int64_t layer_offset(const ParallelConfig& pc, int64_t num_layers, int64_t pp_rank, int64_t vp_rank = 0);

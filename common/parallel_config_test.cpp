@@ -3,6 +3,7 @@
 #include "common/parallel_config.h"
 
 #include <algorithm>
+#include <map>
 #include <set>
 
 #include <gtest/gtest.h>
@@ -195,7 +196,12 @@ TEST(ParallelConfig, LayoutRules) {
   EXPECT_TRUE(mentions(ParallelConfig::parse_layout("cp2-dp2-ep2").check(), "expert_model_parallel_size", "context_parallel_size"));
   EXPECT_TRUE(mentions(ParallelConfig::parse_layout("pp2-vp2").check(), "virtual_pipeline_model_parallel_size", "pipeline_model_parallel_size > 2"));
   EXPECT_TRUE(ParallelConfig::parse_layout("pp3-vp2").check().empty());
-  EXPECT_TRUE(mentions(ParallelConfig::parse_layout("tp0").check(), "tensor_model_parallel_size", "at least 1"));
+  EXPECT_TRUE(mentions(ParallelConfig::parse_layout("tp0").check(), "tensor_model_parallel_size", "must be >= 1"));
+  EXPECT_TRUE(mentions(ParallelConfig::parse_layout("tp4611686018427387904-pp4").check(), "data_parallel_size", "larger than"));
+  // The rank arithmetic refuses what it cannot compute instead of dividing by zero.
+  EXPECT_THROW(rank_coordinates(ParallelConfig::parse_layout("dp2-ep0"), 0), ConfigError);
+  EXPECT_THROW(ParallelConfig::parse_layout("tp4611686018427387904-pp4").world_size(), ConfigError);
+  EXPECT_THROW(num_layers_to_build(ParallelConfig::parse_layout("pp0"), 4), ConfigError);
   EXPECT_TRUE(ParallelConfig::parse_layout("tp2-pp2-dp2-ep2-sp").check().empty());
   EXPECT_THROW(ParallelConfig::parse_layout("tp1-sp").validate(), ConfigError);
   EXPECT_THROW(rank_coordinates(ParallelConfig::parse_layout("tp2"), 2), Error);
@@ -214,6 +220,12 @@ TEST(ParallelConfig, FitsTheModel) {
   EXPECT_TRUE(mentions(issues, "num_query_groups", "tensor_model_parallel_size (4)"));
   EXPECT_TRUE(mentions(issues, "num_layers", "pipeline_model_parallel_size (4)"));
   EXPECT_TRUE(mentions(check_fits(ParallelConfig::parse_layout("dp2-ep2"), cfg), "num_moe_experts", "expert parallelism"));
+  // A rule between parallel sizes is reported once, not by both the layout and the config.
+  for (const char* layout : {"tp1-sp", "pp2-vp2-cp2-dp2-ep2"}) {
+    const std::vector<ConfigIssue> all = check_fits(ParallelConfig::parse_layout(layout), cfg);
+    std::set<std::string> fields;
+    for (const ConfigIssue& i : all) EXPECT_TRUE(fields.insert(i.field + i.rule).second) << layout << ": " << i.message();
+  }
   // Sequence-dependent rules.
   EXPECT_TRUE(check_sequence_length(ParallelConfig::parse_layout("tp2-sp"), 8).empty());
   EXPECT_TRUE(mentions(check_sequence_length(ParallelConfig::parse_layout("tp2-sp"), 7), "seq_length", "tensor_model_parallel_size (2)"));
@@ -240,7 +252,94 @@ TEST(ParallelConfig, Json) {
   EXPECT_NE(message("{\"tensor_model_paralel_size\": 2}").find("tensor_model_paralel_size"), std::string::npos);
   EXPECT_NE(message("{\"data_parallel_size\": \"2\"}").find("must be an integer"), std::string::npos);
   EXPECT_NE(message("[1]").find("must be a JSON object"), std::string::npos);
+  EXPECT_NE(message("{\"data_parallel_size\": 18446744073709551615}").find("must be an integer"), std::string::npos);
+  EXPECT_NE(message("{\"data_parallel_size\": 2, \"data_parallel_size\": 4}").find("twice"), std::string::npos);
   EXPECT_NE(message("{").find("not valid JSON"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace paritron
+
+namespace paritron {
+namespace {
+
+// An independent transcription of the loops of initialize_model_parallel
+// (megatron/core/parallel_state.py, core_v0.5.0), creating each group in
+// Megatron's order, to compare with group_members() on random layouts.
+std::map<GroupKind, std::vector<std::vector<int64_t>>> megatron_groups(const ParallelConfig& pc) {
+  const int64_t tp = pc.tensor_model_parallel_size, pp = pc.pipeline_model_parallel_size;
+  const int64_t cp = pc.context_parallel_size, ep = pc.expert_model_parallel_size;
+  const int64_t world = pc.world_size(), dp = world / (tp * pp * cp);
+  const int64_t num_pp_groups = world / pp;
+  const auto range = [](int64_t begin, int64_t end, int64_t step) {
+    std::vector<int64_t> r;
+    for (int64_t i = begin; i < end; i += step) r.push_back(i);
+    return r;
+  };
+  std::map<GroupKind, std::vector<std::vector<int64_t>>> g;
+  std::vector<std::vector<int64_t>> all_dp_with_cp;
+  for (int64_t i = 0; i < pp; ++i) {
+    const int64_t start = i * num_pp_groups, end = (i + 1) * num_pp_groups;
+    for (int64_t j = 0; j < cp * tp; ++j) g[GroupKind::kData].push_back(range(start + j, end, cp * tp));
+    for (int64_t j = 0; j < tp; ++j) {
+      all_dp_with_cp.push_back(range(start + j, end, tp));
+      g[GroupKind::kDataWithContext].push_back(all_dp_with_cp.back());
+    }
+  }
+  for (int64_t i = 0; i < pp; ++i) {
+    for (int64_t j = 0; j < dp; ++j) {
+      const int64_t start = i * num_pp_groups + j * tp * cp, end = i * num_pp_groups + (j + 1) * tp * cp;
+      for (int64_t k = 0; k < tp; ++k) g[GroupKind::kContext].push_back(range(start + k, end, tp));
+    }
+  }
+  for (int64_t i = 0; i < dp * cp; ++i) {
+    std::vector<int64_t> ranks;
+    for (const auto& group : all_dp_with_cp) ranks.push_back(group[static_cast<size_t>(i)]);
+    g[GroupKind::kModel].push_back(ranks);
+  }
+  for (int64_t i = 0; i < world / tp; ++i) g[GroupKind::kTensor].push_back(range(i * tp, (i + 1) * tp, 1));
+  for (int64_t i = 0; i < num_pp_groups; ++i) {
+    const std::vector<int64_t> ranks = range(i, world, num_pp_groups);
+    g[GroupKind::kPipeline].push_back(ranks);
+  }
+  const int64_t tdc = tp * dp * cp;
+  for (int64_t i = 0; i < world / tdc; ++i) {
+    g[GroupKind::kTensorDataContext].push_back(range(i * tdc, (i + 1) * tdc, 1));
+    for (int64_t j = 0; j < cp; ++j) {
+      std::vector<int64_t> ranks;
+      for (int64_t k = 0; k < dp; ++k) {
+        const int64_t start = i * tdc + j * tp + k * tp * cp;
+        for (int64_t r : range(start, start + tp, 1)) ranks.push_back(r);
+      }
+      g[GroupKind::kTensorAndData].push_back(ranks);
+    }
+  }
+  const int64_t td = tp * dp, tae = tp * ep;
+  for (int64_t i = 0; i < world / td; ++i) {
+    for (int64_t j = 0; j < dp / ep; ++j) {
+      g[GroupKind::kTensorAndExpert].push_back(range(i * td + j * tae, i * td + (j + 1) * tae, 1));
+    }
+  }
+  for (int64_t i = 0; i < world / td; ++i) {
+    for (int64_t j = 0; j < tae; ++j) g[GroupKind::kDataModuloExpert].push_back(range(i * td + j, (i + 1) * td, tae));
+  }
+  return g;
+}
+
+RC_GTEST_PROP(ParallelConfig, GroupsMatchATranscriptionOfMegatronsLoops, ()) {
+  ParallelConfig pc;
+  pc.tensor_model_parallel_size = *rc::gen::inRange(1, 4);
+  pc.pipeline_model_parallel_size = *rc::gen::inRange(1, 4);
+  pc.context_parallel_size = *rc::gen::inRange(1, 3);
+  pc.expert_model_parallel_size = pc.context_parallel_size == 1 ? *rc::gen::inRange(1, 3) : 1;
+  pc.data_parallel_size = pc.expert_model_parallel_size * *rc::gen::inRange(1, 3);
+  for (const auto& [kind, groups] : megatron_groups(pc)) {
+    // Every group (expert groups with cp > 1 included: Megatron builds those
+    // as if cp == 1, and group_members follows the same formula) Megatron creates is the group of each of its members, in Megatron's order.
+    for (const std::vector<int64_t>& group : groups) {
+      for (int64_t rank : group) RC_ASSERT(group_members(pc, kind, rank) == group);
+    }
+  }
 }
 
 }  // namespace

@@ -68,7 +68,9 @@ double normal(RngKey key, uint64_t index);   // N(0, 1)
 // dst[j] = the draw of global element global_begin + j (j in flat row-major
 // order over dst), rounded to dst's dtype with Tensor::set's rounding (RNE,
 // no saturation). dst must have a floating dtype; the global indices must fit
-// in 64 bits. Uniform values lie in [low, high] once rounded.
+// in 64 bits. Uniform values lie in (low, high) before rounding; rounded to
+// the dtype they stay within [low, high] only when low and high are values of
+// the dtype.
 void fill_uniform(Tensor& dst, RngKey key, uint64_t global_begin, double low, double high);
 void fill_normal(Tensor& dst, RngKey key, uint64_t global_begin, double mean, double stddev);
 

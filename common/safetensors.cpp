@@ -108,7 +108,7 @@ json parse_header_json(std::string_view text, const std::string& source) {
     if (depth == 1 && key != kMetadataKey) return fmt::format("duplicate tensor name {} in the header", json_quoted(key));
     return fmt::format("duplicate key {} in the header JSON", json_quoted(key));
   };
-  return parse_strict_json(text, source, {.what = "header", .max_depth = kMaxJsonDepth, .duplicate_message = duplicate});
+  return parse_strict_json<json>(text, source, {.what = "header", .max_depth = kMaxJsonDepth, .duplicate_message = duplicate});
 }
 
 // A JSON integer in [0, INT64_MAX]: extents and offsets. The int64 bound keeps
@@ -225,6 +225,8 @@ Entry parse_entry(const std::string& name, const json& value, uint64_t data_len,
 }
 
 std::map<std::string, std::string> parse_metadata(const json& value, const std::string& source) {
+  // The Rust crate reads __metadata__ as Option<HashMap>: null means none.
+  if (value.is_null()) return {};
   if (!value.is_object()) {
     fail(source, fmt::format("__metadata__ is {} ({}), not an object of strings", kind(value), brief(value)));
   }

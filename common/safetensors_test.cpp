@@ -510,6 +510,7 @@ TEST(SafetensorsRejects, DuplicateNamesAndKeys) {
 }
 
 TEST(SafetensorsRejects, MetadataThatIsNotStringsToStrings) {
+  EXPECT_TRUE(parse_safetensors(make_file(R"({"__metadata__":null})"), "null.safetensors").metadata.empty());
   expect_rejected(make_file(R"({"__metadata__":[]})"), "__metadata__ is an array ([]), not an object of strings");
   expect_rejected(make_file(R"({"__metadata__":"x"})"), "__metadata__ is a string");
   expect_rejected(make_file(R"({"__metadata__":{"k":1}})"), "__metadata__ value of \"k\" is a number (1), not a string");

@@ -13,9 +13,13 @@ std::string json_quoted(std::string_view text) {
   return nlohmann::json(std::string(text)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-nlohmann::json parse_strict_json(std::string_view text, const std::string& source, const StrictJsonOptions& o) {
-  using json = nlohmann::json;
-  const auto fail = [&](const std::string& problem) { throw CaseFormatError(fmt::format("{}: {}", source, problem)); };
+template <class Json>
+Json parse_strict_json(std::string_view text, const std::string& source, const StrictJsonOptions& o) {
+  using json = Json;
+  const auto fail = [&](const std::string& problem) {
+    if (o.fail) o.fail(problem);
+    throw CaseFormatError(fmt::format("{}: {}", source, problem));
+  };
   if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
     fail(fmt::format("{} is not valid JSON: NUL byte at offset {}", o.what, nul));
   }
@@ -31,7 +35,7 @@ nlohmann::json parse_strict_json(std::string_view text, const std::string& sourc
         if (!open_objects.empty()) open_objects.pop_back();
         break;
       case json::parse_event_t::key: {
-        const auto& key = parsed.get_ref<const std::string&>();
+        const auto& key = parsed.template get_ref<const std::string&>();
         if (!open_objects.empty() && !open_objects.back().insert(key).second) {
           fail(o.duplicate_message ? o.duplicate_message(depth, key)
                                    : fmt::format("{} has the key {} twice", o.what, json_quoted(key)));
@@ -44,10 +48,14 @@ nlohmann::json parse_strict_json(std::string_view text, const std::string& sourc
   };
   try {
     return json::parse(text.begin(), text.end(), watch);
-  } catch (const json::exception& e) {
+  } catch (const nlohmann::json::exception& e) {
     fail(fmt::format("{} is not valid JSON: {}", o.what, e.what()));
   }
   return {};  // not reached: fail() throws
 }
+
+template nlohmann::json parse_strict_json<nlohmann::json>(std::string_view, const std::string&, const StrictJsonOptions&);
+template nlohmann::ordered_json parse_strict_json<nlohmann::ordered_json>(std::string_view, const std::string&,
+                                                                         const StrictJsonOptions&);
 
 }  // namespace paritron

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <climits>
 #include <limits>
 
 #include <fmt/format.h>
@@ -154,6 +155,22 @@ void Tensor::set(int64_t i, double v) {
   }
 }
 
+void Tensor::set_int(int64_t i, int64_t v) {
+  check_index(i);
+  std::byte* p = bytes_.data() + i * static_cast<int64_t>(dtype_size(dtype_));
+  const auto fits = [&](int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) throw Error(fmt::format("value {} is not representable as {}", v, dtype_name(dtype_)));
+  };
+  switch (dtype_) {
+    case DType::I64: store<int64_t>(p, v); return;
+    case DType::I32: fits(INT32_MIN, INT32_MAX); store<int32_t>(p, static_cast<int32_t>(v)); return;
+    case DType::I8: fits(-128, 127); store<int8_t>(p, static_cast<int8_t>(v)); return;
+    case DType::U8: fits(0, 255); store<uint8_t>(p, static_cast<uint8_t>(v)); return;
+    case DType::BOOL: fits(0, 1); store<uint8_t>(p, static_cast<uint8_t>(v)); return;
+    default: throw Error(fmt::format("set_int on a {} tensor", dtype_name(dtype_)));
+  }
+}
+
 std::vector<double> Tensor::to_doubles() const {
   std::vector<double> out(static_cast<size_t>(numel_));
   for (int64_t i = 0; i < numel_; ++i) out[static_cast<size_t>(i)] = get(i);
@@ -162,6 +179,10 @@ std::vector<double> Tensor::to_doubles() const {
 
 Tensor Tensor::to(DType dtype) const {
   Tensor out(dtype, shape_);
+  if (is_integral(dtype_) && is_integral(dtype)) {
+    for (int64_t i = 0; i < numel_; ++i) out.set_int(i, get_int(i));  // exact past 2^53
+    return out;
+  }
   for (int64_t i = 0; i < numel_; ++i) out.set(i, get(i));
   return out;
 }

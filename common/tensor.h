@@ -55,9 +55,12 @@ class Tensor {
   int64_t get_int(int64_t i) const;  // integral dtypes only
   // Stores v rounded to the dtype (RNE, no saturation; integers: must be exact).
   void set(int64_t i, double v);
+  void set_int(int64_t i, int64_t v);  // integral dtypes only; v must fit the dtype
 
   std::vector<double> to_doubles() const;
-  Tensor to(DType dtype) const;  // element-wise conversion with set()'s rounding
+  // Element-wise conversion with set()'s rounding; integer to integer is exact
+  // (no trip through double), and throws when a value does not fit.
+  Tensor to(DType dtype) const;
 
   Shape unravel(int64_t flat_index) const;  // flat index -> multi-index
   bool bitwise_equal(const Tensor& other) const;  // same dtype, shape and bytes

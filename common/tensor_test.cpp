@@ -62,6 +62,17 @@ TEST(Tensor, IntegersAreNeverRoundedSilently) {
   EXPECT_EQ(i64.get_int(0), std::numeric_limits<int64_t>::min());
   EXPECT_THROW(i64.set(0, 0x1p63), Error);
   EXPECT_THROW(Tensor(DType::F32, {1}).get_int(0), Error);
+  // Integer to integer conversion is exact beyond 2^53 and refuses what does not fit.
+  Tensor big(DType::I64, {2});
+  big.set_int(0, (int64_t{1} << 53) + 1);
+  big.set_int(1, -5);
+  EXPECT_EQ(big.to(DType::I64).get_int(0), (int64_t{1} << 53) + 1);
+  EXPECT_EQ(big.to(DType::I64).data<int64_t>()[0], (int64_t{1} << 53) + 1);
+  EXPECT_THROW(big.to(DType::I32), Error);
+  big.set_int(0, 100);
+  EXPECT_EQ(big.to(DType::I8).get_int(1), -5);
+  EXPECT_THROW(big.to(DType::U8), Error);
+  EXPECT_THROW(Tensor(DType::F32, {1}).set_int(0, 1), Error);
 }
 
 TEST(Tensor, BadShapesAndSizesAreErrors) {

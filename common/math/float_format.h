@@ -112,7 +112,9 @@ PARITRON_HD inline int64_t ordered_index(uint64_t bits, int width_without_sign) 
 }
 
 // Fast fp32 <-> bf16 (the common storage cast of kernels); equal to
-// encode(x, kBFloat16) for every float, which the tests check exhaustively.
+// encode(x, kBFloat16) for every non-NaN float (a NaN stays a NaN with its
+// payload's top bits, where encode gives the canonical NaN), which the tests
+// check exhaustively over the bits that decide the rounding.
 PARITRON_HD inline uint16_t float_to_bf16_bits(float x) {
   uint32_t u = bits_of(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN

@@ -105,7 +105,7 @@ int inspect_raw(const InspectOptions& o) {
   const SafetensorsFile f = read_safetensors(o.file);
   if (o.json) {
     nlohmann::ordered_json out = {{"file", o.file}, {"metadata", f.metadata}, {"tensors", tensors_json(tensor_list(f))}};
-    std::cout << out.dump(2) << "\n";
+    std::cout << out.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
     return kExitOk;
   }
   std::cout << fmt::format("file: {}\nmetadata:\n", o.file);
@@ -150,7 +150,7 @@ int inspect(const InspectOptions& o) {
         {"other_metadata", c.other_metadata},
         {"config", nlohmann::ordered_json::parse(config_to_json_text(c.config))},
         {"tensors", tensors_json(tensor_list(c))}};
-    std::cout << out.dump(2) << "\n";
+    std::cout << out.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
     return kExitOk;
   }
   std::cout << fmt::format("case: {}\n", o.file);
