@@ -327,12 +327,7 @@ std::map<GroupKind, std::vector<std::vector<int64_t>>> megatron_groups(const Par
 }
 
 RC_GTEST_PROP(ParallelConfig, GroupsMatchATranscriptionOfMegatronsLoops, ()) {
-  ParallelConfig pc;
-  pc.tensor_model_parallel_size = *rc::gen::inRange(1, 4);
-  pc.pipeline_model_parallel_size = *rc::gen::inRange(1, 4);
-  pc.context_parallel_size = *rc::gen::inRange(1, 3);
-  pc.expert_model_parallel_size = pc.context_parallel_size == 1 ? *rc::gen::inRange(1, 3) : 1;
-  pc.data_parallel_size = pc.expert_model_parallel_size * *rc::gen::inRange(1, 3);
+  const ParallelConfig pc = arbitrary_layout();
   for (const auto& [kind, groups] : megatron_groups(pc)) {
     // Every group (expert groups with cp > 1 included: Megatron builds those
     // as if cp == 1, and group_members follows the same formula) Megatron creates is the group of each of its members, in Megatron's order.
