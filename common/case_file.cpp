@@ -11,7 +11,6 @@
 #include <charconv>
 #include <cmath>
 #include <exception>
-#include <set>
 #include <utility>
 
 #include <fmt/format.h>

@@ -263,19 +263,14 @@ std::string json_type(const Json& v) {
   return "an object";
 }
 
-std::string shown(const Json& v) {
-  std::string text = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  if (text.size() > 80) text = text.substr(0, 77) + "...";
-  return text;
-}
+std::string shown(const Json& v) { return json_brief(v); }
 
 // Each read returns "" on success, else what was expected.
 std::string read(const Json& v, int64_t& out, Kind) {
   if (!v.is_number_integer()) return "an integer";
-  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-    return "an integer within int64";
-  }
-  out = v.get<int64_t>();
+  const std::optional<int64_t> value = json_int64(v);
+  if (!value) return "an integer within int64";
+  out = *value;
   return "";
 }
 std::string read(const Json& v, double& out, Kind) {

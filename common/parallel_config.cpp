@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <charconv>
-#include <limits>
 #include <map>
 #include <set>
 
@@ -13,7 +12,6 @@
 #include "common/transformer_config.h"
 
 namespace paritron {
-
 
 std::string ParallelConfig::layout_name() const {
   std::string name = fmt::format("tp{}-pp{}-dp{}-cp{}-ep{}", tensor_model_parallel_size, pipeline_model_parallel_size,
@@ -141,9 +139,9 @@ void ParallelConfig::validate() const {
 }
 
 RankCoordinates rank_coordinates(const ParallelConfig& pc, int64_t rank) {
-  require_arithmetic(pc);
-  if (rank < 0 || rank >= pc.world_size()) {
-    throw Error(fmt::format("rank {} is outside the world of {} ranks ({})", rank, pc.world_size(), pc.layout_name()));
+  const int64_t world = pc.world_size();  // refuses layouts the arithmetic below cannot handle
+  if (rank < 0 || rank >= world) {
+    throw Error(fmt::format("rank {} is outside the world of {} ranks ({})", rank, world, pc.layout_name()));
   }
   RankCoordinates c;
   const int64_t tp = pc.tensor_model_parallel_size, cp = pc.context_parallel_size, dp = pc.data_parallel_size;
@@ -337,20 +335,6 @@ std::vector<ConfigIssue> check_sequence_length(const ParallelConfig& pc, int64_t
   return issues;
 }
 
-namespace {
-std::optional<int64_t> as_int64(const nlohmann::json& v) {
-  if (v.is_number_unsigned()) {
-    const auto u = v.get<uint64_t>();
-    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
-    return static_cast<int64_t>(u);
-  }
-  if (v.is_number_integer()) return v.get<int64_t>();
-  return std::nullopt;
-}
-
-std::string brief(const nlohmann::json& v) { return v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
-}  // namespace
-
 std::string parallel_to_json_text(const ParallelConfig& pc, int indent) {
   nlohmann::ordered_json j;
   j["tensor_model_parallel_size"] = pc.tensor_model_parallel_size;
@@ -369,7 +353,7 @@ ParallelConfig parallel_from_json_text(std::string_view json_text) {
       json_text, "parallel", {.what = "the layout", .fail = [](const std::string& problem) {
                                 throw ConfigError("parallel", "", problem);
                               }});
-  if (!j.is_object()) throw ConfigError("parallel", brief(j), "must be a JSON object");
+  if (!j.is_object()) throw ConfigError("parallel", json_brief(j), "must be a JSON object");
   ParallelConfig pc;
   std::vector<ConfigIssue> issues;
   const std::map<std::string, int64_t*> sizes = {
@@ -380,26 +364,26 @@ ParallelConfig parallel_from_json_text(std::string_view json_text) {
       {"data_parallel_size", &pc.data_parallel_size}};
   for (const auto& [key, value] : j.items()) {
     if (auto it = sizes.find(key); it != sizes.end()) {
-      if (const std::optional<int64_t> v = as_int64(value)) {
+      if (const std::optional<int64_t> v = json_int64(value)) {
         *it->second = *v;
       } else {
-        issues.push_back({key, brief(value), "must be an integer"});
+        issues.push_back({key, json_brief(value), "must be an integer"});
       }
     } else if (key == "virtual_pipeline_model_parallel_size") {
       if (value.is_null()) continue;
-      if (const std::optional<int64_t> v = as_int64(value)) {
+      if (const std::optional<int64_t> v = json_int64(value)) {
         pc.virtual_pipeline_model_parallel_size = *v;
       } else {
-        issues.push_back({key, brief(value), "must be an integer or null"});
+        issues.push_back({key, json_brief(value), "must be an integer or null"});
       }
     } else if (key == "sequence_parallel") {
       if (!value.is_boolean()) {
-        issues.push_back({key, brief(value), "must be true or false"});
+        issues.push_back({key, json_brief(value), "must be true or false"});
       } else {
         pc.sequence_parallel = value.get<bool>();
       }
     } else {
-      issues.push_back({key, brief(value),
+      issues.push_back({key, json_brief(value),
                         "is not a parallel layout field (tensor_model_parallel_size, pipeline_model_parallel_size, "
                         "virtual_pipeline_model_parallel_size, context_parallel_size, expert_model_parallel_size, "
                         "data_parallel_size, sequence_parallel)"});

@@ -84,11 +84,7 @@ size_t first_invalid_utf8(std::string_view s) {
 }
 
 // A value's JSON text for a message, cut short.
-std::string brief(const json& value) {
-  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return text;
-}
+std::string brief(const json& value) { return json_brief(value, 60); }
 
 // "a string", "an array", "a negative number", ... for "X is <kind>" messages.
 std::string kind(const json& value) {

@@ -24,7 +24,7 @@ Json parse_strict_json(std::string_view text, const std::string& source, const S
     fail(fmt::format("{} is not valid JSON: NUL byte at offset {}", o.what, nul));
   }
   std::vector<std::set<std::string>> open_objects;  // keys seen in each enclosing object
-  auto watch = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
+  auto watch = [&](int depth, typename json::parse_event_t event, json& parsed) -> bool {
     switch (event) {
       case json::parse_event_t::object_start:
       case json::parse_event_t::array_start:

@@ -6,7 +6,10 @@
 // Used only by .cpp files.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -31,5 +34,25 @@ Json parse_strict_json(std::string_view text, const std::string& source, const S
 
 // A string as a JSON literal, for quoting names in messages (invalid UTF-8 replaced).
 std::string json_quoted(std::string_view text);
+
+// A value's JSON text for a message (invalid UTF-8 replaced), cut to max_chars.
+template <class Json>
+std::string json_brief(const Json& value, size_t max_chars = 80) {
+  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (text.size() > max_chars) text = text.substr(0, max_chars - 3) + "...";
+  return text;
+}
+
+// An integer JSON number that fits int64 (nlohmann would wrap larger unsigned ones).
+template <class Json>
+std::optional<int64_t> json_int64(const Json& value) {
+  if (value.is_number_unsigned()) {
+    const auto u = value.template get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (value.is_number_integer()) return value.template get<int64_t>();
+  return std::nullopt;
+}
 
 }  // namespace paritron
