@@ -188,6 +188,7 @@ void register_case(CLI::App& app, Action& action) {
   cmd->add_flag("--raw", options->raw, "inspect any safetensors file without requiring a valid case");
   cmd->add_flag("--config", options->full_config, "print every config field (text output)");
   cmd->callback([&action, options] { action = [options] { return inspect(*options); }; });
+  register_case_make(*group, action);
 }
 
 }  // namespace paritron::cli

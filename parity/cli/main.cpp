@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   register_version(app, action);
   register_config(app, action);
   register_case(app, action);
+  register_check(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

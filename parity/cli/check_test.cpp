@@ -1,0 +1,151 @@
+// `paritron case make` and `paritron check` as a user runs them: a made case
+// passes, a corrupted one fails with exit 1 and names the tensor, unreadable
+// input exits 2, the JSON report carries the summary and one entry per tensor.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "common/case_file.h"
+
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string output;
+};
+
+Result run(const std::string& args) {
+  const std::string command = std::string(PARITRON_EXE) + " " + args + " 2>&1";
+  Result r;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return r;
+  std::array<char, 4096> buffer;
+  size_t n;
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) r.output.append(buffer.data(), n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string fixture(const std::string& relative) { return std::string(PARITRON_SOURCE_DIR) + "/fixtures/" + relative; }
+
+class CheckCommand : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("paritron_check_test_" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::filesystem::path dir_;
+};
+
+TEST_F(CheckCommand, MadeCasesPass) {
+  const Result made = run("case make --component transformer_layer --config " + fixture("configs/llama-small.json") +
+                          " --seq 4 --batch 2 --rotary --mask padding -o " + path("layer.safetensors"));
+  ASSERT_EQ(made.exit_code, 0) << made.output;
+  const Result moe = run("case make --component moe_layer --config " + fixture("configs/mixtral-small.json") +
+                         " --seq 4 --batch 2 -o " + path("moe.safetensors"));
+  ASSERT_EQ(moe.exit_code, 0) << moe.output;
+  const Result r = run("check " + path("layer.safetensors") + " " + path("moe.safetensors") + " --json " +
+                       path("report.json"));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("PASS  outputs.output"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("PASS  grads.weights.self_attention.linear_qkv.weight"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" passed, 0 failed"), std::string::npos) << r.output;
+
+  std::ifstream in(path("report.json"));
+  const auto report = nlohmann::json::parse(in);
+  EXPECT_EQ(report["summary"]["cases"], 2);
+  EXPECT_EQ(report["summary"]["failed"], 0);
+  EXPECT_GT(report["summary"]["passed"].get<int>(), 20);
+  ASSERT_EQ(report["cases"].size(), 2u);
+  EXPECT_EQ(report["cases"][0]["component"], "transformer_layer");
+  EXPECT_TRUE(report["cases"][0]["passed"].get<bool>());
+  for (const auto& t : report["cases"][1]["tensors"]) {
+    EXPECT_EQ(t["verdict"], "pass") << t.dump();
+    EXPECT_TRUE(t.contains("max_abs_error") && t.contains("rtol") && t.contains("atol")) << t.dump();
+  }
+}
+
+TEST_F(CheckCommand, CorruptedOutputFailsAndIsNamed) {
+  ASSERT_EQ(run("case make --component mlp --config " + fixture("configs/gpt-small.json") + " --seq 3 -o " +
+                path("mlp.safetensors"))
+                .exit_code,
+            0);
+  paritron::Case c = paritron::read_case(path("mlp.safetensors"));
+  paritron::Tensor& w = c.tensors.at("grads.weights.linear_fc2.weight");
+  w.set(5, w.get(5) + 1e-4);
+  paritron::write_case(path("bad.safetensors"), c);
+  const Result r = run("check " + path("bad.safetensors") + " --json " + path("bad.json"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("FAIL  grads.weights.linear_fc2.weight"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("PASS  outputs.output"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" passed, 1 failed"), std::string::npos) << r.output;
+  std::ifstream in(path("bad.json"));
+  const auto report = nlohmann::json::parse(in);
+  EXPECT_EQ(report["summary"]["failed"], 1);
+  EXPECT_FALSE(report["cases"][0]["passed"].get<bool>());
+}
+
+TEST_F(CheckCommand, TensorsTheReferenceCannotProduceAreSkipped) {
+  ASSERT_EQ(run("case make --component layernorm --config " + fixture("configs/gpt-small.json") + " -o " +
+                path("ln.safetensors"))
+                .exit_code,
+            0);
+  paritron::Case c = paritron::read_case(path("ln.safetensors"));
+  c.tensors["outputs.intermediate.not_a_module"] = paritron::Tensor(paritron::DType::F64, {2});
+  paritron::write_case(path("extra.safetensors"), c);
+  const Result r = run("check " + path("extra.safetensors"));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("SKIP  outputs.intermediate.not_a_module"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1 skipped"), std::string::npos) << r.output;
+}
+
+TEST_F(CheckCommand, BadInputExitsTwo) {
+  EXPECT_EQ(run("check " + path("missing.safetensors")).exit_code, 2);
+  std::ofstream(path("garbage.safetensors")) << "not a safetensors file";
+  const Result garbage = run("check " + path("garbage.safetensors"));
+  EXPECT_EQ(garbage.exit_code, 2) << garbage.output;
+  EXPECT_NE(garbage.output.find("ERROR"), std::string::npos) << garbage.output;
+  // A case missing a weight: the error names it.
+  ASSERT_EQ(run("case make --component mlp --config " + fixture("configs/gpt-small.json") + " -o " +
+                path("mlp.safetensors"))
+                .exit_code,
+            0);
+  paritron::Case c = paritron::read_case(path("mlp.safetensors"));
+  c.tensors.erase("weights.linear_fc1.weight");
+  paritron::write_case(path("noweight.safetensors"), c);
+  const Result r = run("check " + path("noweight.safetensors"));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("linear_fc1.weight"), std::string::npos) << r.output;
+  EXPECT_EQ(run("case make --component moe_layer --config " + fixture("configs/gpt-small.json") + " -o " +
+                path("x.safetensors"))
+                .exit_code,
+            2);
+}
+
+TEST_F(CheckCommand, CommittedFixturesPass) {
+  const Result r = run("check " + fixture("safetensors/python_layernorm_case.safetensors") + " " +
+                       fixture("safetensors/ours_layernorm_case.safetensors"));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("PASS  outputs.output"), std::string::npos) << r.output;
+}
+
+TEST_F(CheckCommand, Help) {
+  for (const char* sub : {"check --help", "case make --help"}) {
+    const Result r = run(sub);
+    EXPECT_EQ(r.exit_code, 0) << sub;
+    EXPECT_NE(r.output.find("Usage"), std::string::npos) << sub;
+  }
+}
+
+}  // namespace

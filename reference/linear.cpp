@@ -1,0 +1,62 @@
+// See linear.h.
+#include "reference/linear.h"
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "common/fp8_scaling.h"
+#include "common/math/fp8.h"
+
+namespace paritron::ref {
+
+Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p) {
+  if (!p.fp8) return x;
+  const Fp8Format format = parse_fp8_format(*p.fp8);
+  const Fp8Role fp8_role = role == Fp8Operand::kInput    ? Fp8Role::kInput
+                           : role == Fp8Operand::kWeight ? Fp8Role::kWeight
+                                                         : Fp8Role::kGradOutput;
+  const math::FloatFormat& f = fp8_float_format(format, fp8_role);
+  const float scale = scale_for_amax(tensor_amax(std::span<const double>(x.data(), x.size())), f,
+                                     static_cast<int>(p.fp8_margin));
+  const float scale_inv = 1.0f / scale;
+  // cuBLASLt applies scale_inv to the fp32 accumulator, so the operand's value
+  // in the GEMM is the exact q * scale_inv, not a per-element fp32 rounding of it.
+  Mat q(x.rows(), x.cols());
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    const uint8_t code = math::fp8_quantise(static_cast<float>(x.data()[i]), scale, f);
+    q.data()[i] = math::fp8_dequantise_exact(code, scale_inv, f);
+  }
+  return q;
+}
+
+Mat linear_forward(const Params& w, const Mat& x, bool add_bias, const Precision& p) {
+  const Mat& weight = w.at("weight");
+  if (weight.cols() != x.cols()) {
+    throw Error(fmt::format("'{}weight' is [{}, {}] but its input has {} features", w.prefix(), weight.rows(),
+                            weight.cols(), x.cols()));
+  }
+  Mat y = matmul(fp8_fake_quant(x, Fp8Operand::kInput, p), fp8_fake_quant(weight, Fp8Operand::kWeight, p).transpose(),
+                 p.dtype);
+  if (add_bias && w.has("bias")) {
+    y.rowwise() += w.row("bias", weight.rows());
+    round_inplace(y, p.dtype);
+  }
+  return y;
+}
+
+Mat linear_backward(const Params& w, const Mat& x, const Mat& dy, bool bias_grad, const Sink& grads,
+                    const Precision& p) {
+  const Mat& weight = w.at("weight");
+  const Mat dy_q = fp8_fake_quant(dy, Fp8Operand::kGradOutput, p);
+  // dgrad: dx = dy W, both operands fp8 under an fp8 recipe.
+  Mat dx = matmul(dy_q, fp8_fake_quant(weight, Fp8Operand::kWeight, p), p.dtype);
+  // wgrad: dW = dy^T x; override_linear_precision[2] = not fp8_wgrad keeps it high precision.
+  const bool wgrad_fp8 = p.fp8 && p.fp8_wgrad;
+  const Mat dw = wgrad_fp8 ? matmul(dy_q.transpose(), fp8_fake_quant(x, Fp8Operand::kInput, p), p.dtype)
+                           : matmul(dy.transpose(), x, p.dtype);
+  grads.add("weight", dw);
+  if (bias_grad && w.has("bias")) grads.add("bias", rounded(dy.colwise().sum(), p.dtype));
+  return dx;
+}
+
+}  // namespace paritron::ref

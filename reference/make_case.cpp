@@ -1,0 +1,197 @@
+// See make_case.h.
+#include "reference/make_case.h"
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "common/init.h"
+#include "common/module_params.h"
+#include "common/rng.h"
+#include "reference/core.h"
+#include "reference/masks.h"
+#include "reference/rotary_pos_emb.h"
+#include "reference/run_case.h"
+
+namespace paritron::ref {
+namespace {
+
+Tensor normal_tensor(const Shape& shape, uint64_t seed, const std::string& name, double mean, double stddev,
+                     DType dtype) {
+  Tensor t(dtype, shape);
+  fill_normal(t, rng_key(seed, name), 0, mean, stddev);
+  return t;
+}
+
+// The component whose parameters a case of `component` holds (a router case
+// holds the router's "weight").
+std::vector<ParamSpec> case_params(const std::string& component, const TransformerConfig& cfg) {
+  if (component == "dot_product_attention" || component == "rotary_pos_emb") return {};
+  if (component == "moe_router") {
+    return {ParamSpec{"weight", {*cfg.num_moe_experts, cfg.hidden_size}, Init::kNormal, -1, false, false, {}, {}}};
+  }
+  return module_params(component, cfg);
+}
+
+// One parameter under `key`: Megatron's init, or the "random" draw.
+Tensor draw_param(const ParamSpec& spec, const std::string& key, const TransformerConfig& cfg,
+                  const MakeCaseOptions& o) {
+  if (o.weights == "megatron") {
+    ParamSpec keyed = spec;
+    keyed.key = key;
+    return init_parameter(keyed, cfg, o.seed, o.dtype);
+  }
+  if (spec.shape.size() == 1 && spec.key.find("bias") == std::string::npos) {
+    // A norm weight: near its identity value (1, or 0 with zero-centered gamma).
+    const double centre = cfg.layernorm_zero_centered_gamma ? 0.0 : 1.0;
+    return normal_tensor(spec.shape, o.seed, key, centre, 0.1, o.dtype);
+  }
+  return normal_tensor(spec.shape, o.seed, key, 0.0, cfg.init_method_std, o.dtype);
+}
+
+void add_weights(Case& c, const MakeCaseOptions& o) {
+  for (const ParamSpec& spec : case_params(o.component, c.config)) {
+    c.tensors["weights." + spec.key] = draw_param(spec, spec.key, c.config, o);
+  }
+  if (!o.cross_attention || (o.component != "transformer_layer" && o.component != "transformer_block")) return;
+  // The GPT specs have no cross attention; an encoder-decoder layer adds
+  // pre_cross_attn_layernorm and cross_attention (spec §8.1).
+  const bool block = o.component == "transformer_block";
+  const std::string norm = c.config.normalization == "RMSNorm" ? "rmsnorm" : "layernorm";
+  for (int64_t l = 0; l < (block ? c.config.num_layers : 1); ++l) {
+    const std::string layer = block ? fmt::format("layers.{}.", l) : "";
+    for (const ParamSpec& spec : module_params(norm, c.config)) {
+      const std::string key = layer + "pre_cross_attn_layernorm." + spec.key;
+      c.tensors["weights." + key] = draw_param(spec, key, c.config, o);
+    }
+    for (const ParamSpec& spec : module_params("cross_attention", c.config)) {
+      const std::string key = layer + "cross_attention." + spec.key;
+      c.tensors["weights." + key] = draw_param(spec, key, c.config, o);
+    }
+  }
+}
+
+// Key-padding mask [b, 1, sq, sk]: sequence i keeps its first len_i keys. With
+// b > 1 the last sequence keeps none, so its rows are fully masked (uniform
+// softmax, spec §2.2).
+Tensor padding_mask_tensor(const MakeCaseOptions& o, int64_t sq, int64_t sk) {
+  const int64_t b = o.micro_batch_size;
+  Tensor m(DType::BOOL, {b, 1, sq, sk});
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t len = 1 + static_cast<int64_t>(uniform(rng_key(o.seed, "inputs.padding_lengths"), i) * sk);
+    if (len > sk) len = sk;
+    if (b > 1 && i == b - 1) len = 0;
+    for (int64_t q = 0; q < sq; ++q)
+      for (int64_t k = 0; k < sk; ++k) m.set_int((i * sq + q) * sk + k, k >= len ? 1 : 0);
+  }
+  return m;
+}
+
+void add_mask(Case& c, const MakeCaseOptions& o, const std::string& name, int64_t sq, int64_t sk) {
+  if (o.attn_mask_type == "padding") {
+    c.tensors["inputs." + name] = padding_mask_tensor(o, sq, sk);
+  } else if (o.attn_mask_type == "causal" && o.explicit_mask) {
+    c.tensors["inputs." + name] = get_default_causal_mask(sq).to_tensor();
+  }
+}
+
+Tensor rotary_tensor(const TransformerConfig& cfg, int64_t s) {
+  const Mat freqs = rotary_freqs(cfg, s);
+  return to_tensor(freqs, {s, 1, 1, freqs.cols()}, DType::F32);  // float32 angles, as Megatron's table
+}
+
+void add_inputs(Case& c, const MakeCaseOptions& o) {
+  const TransformerConfig& cfg = c.config;
+  const int64_t s = o.seq_length, b = o.micro_batch_size, h = cfg.hidden_size;
+  const int64_t sk = o.kv_seq_length > 0 ? o.kv_seq_length : s;
+  const int64_t hn = *cfg.kv_channels, n = cfg.num_attention_heads, g = *cfg.num_query_groups;
+  auto input = [&](const std::string& name, Shape shape) {
+    c.tensors["inputs." + name] = normal_tensor(shape, o.seed, "inputs." + name, 0.0, 1.0, o.dtype);
+  };
+  const std::string& comp = o.component;
+  if (comp == "rotary_pos_emb") {
+    input("t", {s, b, n, hn});
+    c.tensors["inputs.freqs"] = rotary_tensor(cfg, s);
+  } else if (comp == "dot_product_attention") {
+    input("query", {s, b, n, hn});
+    input("key", {sk, b, g, hn});
+    input("value", {sk, b, g, hn});
+    add_mask(c, o, "attention_mask", s, sk);
+  } else if (comp == "cross_attention") {
+    input("hidden_states", {s, b, h});
+    input("key_value_states", {sk, b, h});
+    add_mask(c, o, "attention_mask", s, sk);
+  } else {
+    input("hidden_states", {s, b, h});
+    if (comp == "self_attention" || comp == "transformer_layer" || comp == "transformer_block") {
+      add_mask(c, o, "attention_mask", s, s);
+      if (o.rotary) c.tensors["inputs.rotary_pos_emb"] = rotary_tensor(cfg, s);
+    }
+    if ((comp == "transformer_layer" || comp == "transformer_block") && o.cross_attention) {
+      input("context", {sk, b, h});
+      if (o.attn_mask_type == "padding") c.tensors["inputs.context_mask"] = padding_mask_tensor(o, s, sk);
+    }
+  }
+}
+
+void add_output_grads(Case& c, const ReferenceResult& forward, DType dtype) {
+  for (const std::string name : {"output", "output_bias"}) {
+    auto it = forward.tensors.find("outputs." + name);
+    if (it == forward.tensors.end()) continue;
+    c.tensors["inputs.grad_" + name] =
+        normal_tensor(it->second.shape(), *c.seed, "inputs.grad_" + name, 0.0, 1.0, dtype);
+  }
+  if (c.component == "moe_router") {  // the router's main result is router_scores
+    const Tensor& scores = forward.tensors.at("outputs.router_scores");
+    c.tensors["inputs.grad_output"] = normal_tensor(scores.shape(), *c.seed, "inputs.grad_output", 0.0, 1.0, dtype);
+  }
+}
+
+}  // namespace
+
+Case make_case(const MakeCaseOptions& o) {
+  const auto& components = case_components();
+  if (std::find(components.begin(), components.end(), o.component) == components.end()) {
+    throw Error(fmt::format("unknown component '{}'", o.component));
+  }
+  if (o.seq_length < 1 || o.micro_batch_size < 1 || o.kv_seq_length < 0) {
+    throw Error(fmt::format("sequence length {} and micro-batch size {} must be >= 1", o.seq_length,
+                            o.micro_batch_size));
+  }
+  if (o.attn_mask_type != "causal" && o.attn_mask_type != "padding" && o.attn_mask_type != "no_mask") {
+    throw Error(fmt::format("attn_mask_type '{}' is not causal, padding or no_mask", o.attn_mask_type));
+  }
+  if (o.weights != "random" && o.weights != "megatron") {
+    throw Error(fmt::format("weights '{}' is not random or megatron", o.weights));
+  }
+  if (o.dtype != DType::F64 && o.dtype != DType::F32) throw Error("case make stores F64 or F32 tensors");
+  Case c;
+  c.component = o.component;
+  c.config = o.config;
+  validate_config(c.config);
+  if ((o.component == "moe_router" || o.component == "moe_layer") && !c.config.num_moe_experts) {
+    throw Error(fmt::format("component {} needs num_moe_experts in the config", o.component));
+  }
+  c.config_json = config_to_json_text(c.config);
+  c.layer_number = o.layer_number;
+  c.attn_mask_type = o.attn_mask_type;
+  c.training = o.training;
+  c.seed = o.seed;
+  c.producer = fmt::format("paritron reference, float64 (weights: {})", o.weights);
+  add_weights(c, o);
+  add_inputs(c, o);
+  ReferenceOptions forward_only;
+  forward_only.backward = false;
+  const ReferenceResult forward = run_reference(c, forward_only);
+  if (o.backward) add_output_grads(c, forward, o.dtype);
+  ReferenceOptions full;
+  full.backward = o.backward;
+  const ReferenceResult result = run_reference(c, full);
+  for (const auto& [name, t] : result.tensors) {
+    const bool tap = name.rfind("outputs.intermediate.", 0) == 0;
+    if (tap && !o.taps) continue;
+    c.tensors[name] = t.dtype() == DType::F64 ? t.to(o.dtype) : t;
+  }
+  return c;
+}
+
+}  // namespace paritron::ref
