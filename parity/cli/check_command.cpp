@@ -96,7 +96,7 @@ void print_case(const CaseVerdict& v, bool verbose, bool quiet) {
   const int64_t passed = std::count_if(v.tensors.begin(), v.tensors.end(), [](const TensorVerdict& t) { return t.verdict == "pass"; });
   if (quiet) {
     const char* verdict = !v.error.empty() ? "ERROR" : failed > 0 ? "FAIL " : "PASS ";
-    std::cout << fmt::format("{} {} ({}): {} passed, {} failed, {:.2f} s\n", verdict, v.file,
+    std::cout << fmt::format("{} {} ({}): {} passed, {} failed, {:.3f} s\n", verdict, v.file,
                              v.component.empty() ? "unreadable" : v.component, passed, failed, v.seconds);
     if (!v.error.empty()) std::cout << fmt::format("  {}\n", v.error);
     for (const auto& t : v.tensors) {

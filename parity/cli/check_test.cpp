@@ -133,11 +133,37 @@ TEST_F(CheckCommand, BadInputExitsTwo) {
             2);
 }
 
+// Every committed case in fixtures/ passes `check` (the "done when").
 TEST_F(CheckCommand, CommittedFixturesPass) {
-  const Result r = run("check " + fixture("safetensors/python_layernorm_case.safetensors") + " " +
-                       fixture("safetensors/ours_layernorm_case.safetensors"));
+  std::string files = fixture("safetensors/python_layernorm_case.safetensors") + " " +
+                      fixture("safetensors/ours_layernorm_case.safetensors");
+  int cases = 2;
+  for (const auto& entry : std::filesystem::directory_iterator(fixture("cases"))) {
+    if (entry.path().extension() != ".safetensors") continue;
+    files += " " + entry.path().string();
+    ++cases;
+  }
+  EXPECT_GE(cases, 18);
+  const Result r = run("check -q " + files + " --json " + path("fixtures.json"));
   EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("PASS  outputs.output"), std::string::npos) << r.output;
+  std::ifstream in(path("fixtures.json"));
+  const auto report = nlohmann::json::parse(in);
+  EXPECT_EQ(report["summary"]["cases"], cases);
+  EXPECT_EQ(report["summary"]["failed"], 0);
+  EXPECT_EQ(report["summary"]["skipped"], 0);
+  EXPECT_GT(report["summary"]["passed"].get<int>(), 250);
+}
+
+// fixtures/cases/make.sh is reproducible: the same command writes the same bytes.
+TEST_F(CheckCommand, CaseMakeIsDeterministic) {
+  const Result r = run("case make --component layernorm --config " + fixture("cases/configs/tiny-gpt.json") +
+                       " --seed 1 --seq 4 --batch 2 -o " + path("ln.safetensors"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto bytes = [](const std::string& file) {
+    std::ifstream in(file, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  EXPECT_EQ(bytes(path("ln.safetensors")), bytes(fixture("cases/layernorm.safetensors")));
 }
 
 TEST_F(CheckCommand, Help) {
