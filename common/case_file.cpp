@@ -151,6 +151,7 @@ Case parse_case_metadata(const std::map<std::string, std::string>& metadata, con
       bad_value("attn_mask_type", *v, "must be causal, padding or no_mask");
     }
     c.attn_mask_type = *v;
+    c.attn_mask_type_given = true;
   }
   if (const std::string* v = find("training")) {
     if (*v != "true" && *v != "false") bad_value("training", *v, "must be true or false");
@@ -283,7 +284,7 @@ SafetensorsFile case_to_safetensors(const Case& c) {
   m["component"] = c.component;
   m["config"] = config_text(c);
   if (c.layer_number != 1) m["layer_number"] = std::to_string(c.layer_number);
-  if (c.attn_mask_type != "causal") m["attn_mask_type"] = c.attn_mask_type;
+  if (c.attn_mask_type != "causal" || c.attn_mask_type_given) m["attn_mask_type"] = c.attn_mask_type;
   if (c.training) m["training"] = "true";
   if (c.seed) m["seed"] = std::to_string(*c.seed);
   if (!c.tolerance.empty()) {

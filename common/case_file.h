@@ -32,6 +32,10 @@ struct Case {
   std::string config_json;               // the config text as stored; written back while it still loads to `config`
   int64_t layer_number = 1;              // 1-based
   std::string attn_mask_type = "causal"; // causal | padding | no_mask
+  // Whether the file states attn_mask_type. The contract's default is causal;
+  // a cross_attention case without it takes CrossAttention's own default,
+  // padding (megatron/core/transformer/attention.py), see reference/README.md.
+  bool attn_mask_type_given = false;
   bool training = false;
   std::optional<uint64_t> seed;
   std::string producer, description;     // empty = absent

@@ -29,7 +29,8 @@ BiasDropoutAddForward bias_dropout_add_forward(const Mat& x, const std::optional
   BiasDropoutAddForward f;
   Mat dropped = dropout(with_bias, p, ctx, purpose, &f.dropout_scale);
   round_inplace(dropped, prec.dtype);
-  f.output = rounded(residual + dropped, prec.dtype);
+  // residual.to(x.dtype) comes first (a float32 residual stream meets a bf16 output).
+  f.output = rounded(rounded(residual, prec.dtype) + dropped, prec.dtype);
   return f;
 }
 

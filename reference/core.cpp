@@ -68,6 +68,12 @@ void Sink::add(std::string_view key, const Mat& gradient) const {
 
 Precision truth_precision() { return Precision{}; }
 
+Precision float64_math() {
+  Precision p;
+  p.forced_fp32 = false;
+  return p;
+}
+
 Precision emulated_precision(DType dtype, const TransformerConfig& cfg) {
   if (dtype != DType::F64 && dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16) {
     throw Error(fmt::format("the reference emulates F64, F32, BF16 and F16 activations, not {}", dtype_name(dtype)));

@@ -95,12 +95,20 @@ struct Precision {
   std::optional<std::string> fp8;
   int64_t fp8_margin = 0;
   bool fp8_wgrad = true;
+  // Round where Megatron forces float32 even in a float64 model: the router's
+  // softmax(..., dtype=torch.float32) (scores, aux-loss probabilities, the
+  // sinkhorn activation). The truth keeps it, as Megatron run in float64
+  // produces those values; finite-difference checks turn it off to get the
+  // smooth float64 function (spec Appendix A).
+  bool forced_fp32 = true;
 
   bool truth() const { return dtype == DType::F64 && !fp8; }
 };
 
-// Float64 everywhere, no rounding.
+// Megatron in float64: no rounding except where Megatron forces float32.
 Precision truth_precision();
+// Pure float64 math, nothing rounded (finite differences, hand-computed values).
+Precision float64_math();
 // Megatron running in `dtype` under cfg: softmax in fp32 when the dtype is
 // fp16/bf16 and attention_softmax_in_fp32 (the fp16/bf16 flags are implied by
 // the dtype), else in the dtype itself; fp8 from cfg.fp8.

@@ -148,7 +148,8 @@ void add_output_grads(Case& c, const ReferenceResult& forward, DType dtype) {
 
 }  // namespace
 
-Case make_case(const MakeCaseOptions& o) {
+Case make_case(const MakeCaseOptions& requested) {
+  MakeCaseOptions o = requested;
   const auto& components = case_components();
   if (std::find(components.begin(), components.end(), o.component) == components.end()) {
     throw Error(fmt::format("unknown component '{}'", o.component));
@@ -157,6 +158,7 @@ Case make_case(const MakeCaseOptions& o) {
     throw Error(fmt::format("sequence length {} and micro-batch size {} must be >= 1", o.seq_length,
                             o.micro_batch_size));
   }
+  if (o.attn_mask_type.empty()) o.attn_mask_type = o.component == "cross_attention" ? "padding" : "causal";
   if (o.attn_mask_type != "causal" && o.attn_mask_type != "padding" && o.attn_mask_type != "no_mask") {
     throw Error(fmt::format("attn_mask_type '{}' is not causal, padding or no_mask", o.attn_mask_type));
   }
@@ -174,6 +176,7 @@ Case make_case(const MakeCaseOptions& o) {
   c.config_json = config_to_json_text(c.config);
   c.layer_number = o.layer_number;
   c.attn_mask_type = o.attn_mask_type;
+  c.attn_mask_type_given = true;
   c.training = o.training;
   c.seed = o.seed;
   c.producer = fmt::format("paritron reference, float64 (weights: {})", o.weights);

@@ -21,7 +21,9 @@ struct MakeCaseOptions {
   int64_t seq_length = 8;           // s (query length)
   int64_t kv_seq_length = 0;        // sk for cross attention / context (0: = s)
   int64_t micro_batch_size = 2;     // b
-  std::string attn_mask_type = "causal";  // causal | padding | no_mask
+  // causal | padding | no_mask; empty: the module's default (padding for
+  // cross_attention, causal for the GPT specs' self attention).
+  std::string attn_mask_type;
   // Padding masks: key lengths drawn per sequence in [0, sk] with one
   // sequence fully masked when b > 1 (so fully masked rows are exercised).
   bool explicit_mask = false;       // also pass the causal mask as inputs.attention_mask

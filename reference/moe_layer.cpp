@@ -10,6 +10,17 @@ namespace paritron::ref {
 
 namespace {
 
+// The experts of 0.5.0's MoE specs are local ColumnParallelLinear /
+// RowParallelLinear layers, not Transformer Engine ones (gpt_layer_specs.py,
+// _get_mlp_module_spec with num_experts), so they never run in fp8 even under
+// an fp8 recipe; only the activation dtype applies.
+Precision expert_precision(const Precision& p) {
+  Precision e = p;
+  e.fp8.reset();
+  return e;
+}
+
+
 struct LayerShape {
   int64_t tokens, experts, topk, hidden;
   int64_t ffn;      // f: the input width of each expert's fc2
@@ -140,6 +151,7 @@ MoeLayerForward moe_layer_forward(const TransformerConfig& cfg, const Params& w,
   check_expert_weights(s, w);
   const TransformerConfig ecfg = expert_config(cfg, s);
   const CombineDtypes d = combine_dtypes(cfg, p);
+  const Precision ep = expert_precision(p);
   MoeLayerForward f;
   f.router = moe_router_forward(cfg, w.sub("router"), x, p, ctx.sub("router"));
   f.experts = moe_dispatch(f.router, x);
@@ -154,9 +166,9 @@ MoeLayerForward moe_layer_forward(const TransformerConfig& cfg, const Params& w,
     if (ex.tokens.empty()) continue;  // an expert without tokens contributes nothing
     if (s.grouped) {
       const MatMap ew = grouped_expert_weights(s, w, e);
-      ex.mlp = mlp_forward(ecfg, Params(ew), ex.input, p);
+      ex.mlp = mlp_forward(ecfg, Params(ew), ex.input, ep);
     } else {
-      ex.mlp = mlp_forward(ecfg, w.sub(expert_prefix(e)), ex.input, p);
+      ex.mlp = mlp_forward(ecfg, w.sub(expert_prefix(e)), ex.input, ep);
     }
     for (size_t row = 0; row < ex.tokens.size(); ++row) {
       if (ex.slots[row] < 0) continue;  // capacity padding: weight 0
@@ -275,7 +287,7 @@ Mat moe_layer_backward(const TransformerConfig& cfg, const Params& w, const Mat&
       }
       const std::optional<RowVec> d_bias =
           ex.mlp.output_bias ? std::optional<RowVec>(rounded(db2, d.act)) : std::nullopt;
-      const Mat dxe = mlp_backward(ecfg, ew, ex.input, ex.mlp, dy, d_bias, eg, p);
+      const Mat dxe = mlp_backward(ecfg, ew, ex.input, ex.mlp, dy, d_bias, eg, expert_precision(p));
       for (Eigen::Index row = 0; row < n; ++row) {
         const int64_t t = ex.tokens[static_cast<size_t>(row)];
         const int64_t j = ex.slots[static_cast<size_t>(row)];

@@ -137,7 +137,7 @@ TEST(MoeLayer, HandComputedTopTwo) {
   const Mat x = rows_of({{kLn3, 0}, {-1, 1}});
   MatMap taps;
   const MoeLayerForward f =
-      moe_layer_forward(cfg, Params(w).sub("mlp"), x, truth_precision(), ctx_of(), Sink(taps).sub("mlp"));
+      moe_layer_forward(cfg, Params(w).sub("mlp"), x, float64_math(), ctx_of(), Sink(taps).sub("mlp"));
   const double sg = 1 / (1 + std::exp(-2.0));
   EXPECT_NEAR(f.output(0, 0), 0.75 * kLn3 + 0.75, 1e-15);
   EXPECT_NEAR(f.output(0, 1), 1.5 * kLn3, 1e-15);
@@ -166,7 +166,7 @@ TEST(MoeLayer, HandComputedTopTwo) {
   const Mat dout = rows_of({{0, 0}, {1, 1}});
   MatMap g;
   const Mat dx = moe_layer_backward(cfg, Params(w).sub("mlp"), x, f, dout, Mat(Mat::Zero(2, 2)), Sink(g).sub("mlp"),
-                                    truth_precision());
+                                    float64_math());
   const double dl = sg * (1 - sg) * 6;
   EXPECT_NEAR(dx(1, 0), -dl, 1e-14);
   EXPECT_NEAR(dx(1, 1), dl + 3 * sg, 1e-14);
@@ -198,9 +198,9 @@ RC_GTEST_PROP(MoeLayerProperty, OneExpertTopOneIsTheDenseMlp, ()) {
   const Mat x = random_normal(T, s.h, seed, "x");
   const Mat dout = random_normal(T, s.h, seed, "dout");
   const Mat dob = random_normal(T, s.h, seed, "dob");
-  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, float64_math(), ctx_of());
   const Params ew = Params(w).sub("mlp.experts.local_experts.0");
-  const MlpForward m = mlp_forward(cfg, ew, x, truth_precision());
+  const MlpForward m = mlp_forward(cfg, ew, x, float64_math());
   RC_ASSERT(f.output == m.output);
   RC_ASSERT(f.output_bias.has_value() == s.bias);
   MatMap gm, gl;
@@ -210,10 +210,10 @@ RC_GTEST_PROP(MoeLayerProperty, OneExpertTopOneIsTheDenseMlp, ()) {
     dbias = RowVec(dob.colwise().sum());
   }
   const Mat dx_mlp = mlp_backward(cfg, ew, x, m, dout, dbias, Sink(gm).sub("mlp.experts.local_experts.0"),
-                                  truth_precision());
+                                  float64_math());
   const Mat dx = moe_layer_backward(cfg, Params(w).sub("mlp"), x, f, dout,
                                     s.bias ? std::optional<Mat>(dob) : std::nullopt, Sink(gl).sub("mlp"),
-                                    truth_precision());
+                                    float64_math());
   RC_ASSERT((dx - dx_mlp).cwiseAbs().maxCoeff() <= 1e-14 * (1 + dx_mlp.cwiseAbs().maxCoeff()));
   for (const auto& [key, grad] : gm) {
     const Mat& other = gl.at(key);
@@ -244,15 +244,15 @@ RC_GTEST_PROP(MoeLayerProperty, GroupedMlpEqualsSequentialMlp, ()) {
   const MatMap gw = grouped_from_sequential(s, sw);
   const Mat x = random_normal(T, s.h, seed, "x");
   const Mat dout = random_normal(T, s.h, seed, "dout");
-  const MoeLayerForward fs = moe_layer_forward(seq_cfg, Params(sw).sub("mlp"), x, truth_precision(), ctx_of());
-  const MoeLayerForward fg = moe_layer_forward(grp_cfg, Params(gw).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward fs = moe_layer_forward(seq_cfg, Params(sw).sub("mlp"), x, float64_math(), ctx_of());
+  const MoeLayerForward fg = moe_layer_forward(grp_cfg, Params(gw).sub("mlp"), x, float64_math(), ctx_of());
   RC_ASSERT(fs.output == fg.output);
   RC_ASSERT(!fg.output_bias.has_value());
   MatMap gseq, ggrp;
   const Mat dxs = moe_layer_backward(seq_cfg, Params(sw).sub("mlp"), x, fs, dout, std::nullopt, Sink(gseq).sub("mlp"),
-                                     truth_precision());
+                                     float64_math());
   const Mat dxg = moe_layer_backward(grp_cfg, Params(gw).sub("mlp"), x, fg, dout, std::nullopt, Sink(ggrp).sub("mlp"),
-                                     truth_precision());
+                                     float64_math());
   RC_ASSERT(dxs == dxg);
   RC_ASSERT(gseq.at("mlp.router.weight") == ggrp.at("mlp.router.weight"));
   // Relayout the sequential gradients as weights and compare.
@@ -278,7 +278,7 @@ TEST(MoeLayer, GroupedWeightViewIsAMemoryReinterpretation) {
            {"mlp.experts.weight1", rows_of({{2, 4}, {8, 16}})},
            {"mlp.experts.weight2", rows_of({{1, 0}, {0, 1}})}};
   const MoeLayerForward f =
-      moe_layer_forward(cfg, Params(w).sub("mlp"), rows_of({{1, 0.5}}), truth_precision(), ctx_of());
+      moe_layer_forward(cfg, Params(w).sub("mlp"), rows_of({{1, 0.5}}), float64_math(), ctx_of());
   EXPECT_EQ(f.router.indices(0, 0), 0);
   EXPECT_EQ(f.output(0, 0), 2 + 0.5 * 4);  // row 0 of weight1; column 0 would give 2 + 0.5 * 8
   EXPECT_EQ(f.output(0, 1), 0.0);
@@ -305,8 +305,8 @@ TEST(MoeLayer, DroppedTokensContributeZero) {
   MatMap w = sequential_weights(s, 3);
   w["mlp.router.weight"] = Mat::Identity(2, 2);
   const Mat x = rows_of({{logit(0.6), 0}, {logit(0.9), 0}, {logit(0.7), 0}, {logit(0.8), 0}});
-  const MoeLayerForward fc = moe_layer_forward(cap, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
-  const MoeLayerForward ff = moe_layer_forward(free, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward fc = moe_layer_forward(cap, Params(w).sub("mlp"), x, float64_math(), ctx_of());
+  const MoeLayerForward ff = moe_layer_forward(free, Params(w).sub("mlp"), x, float64_math(), ctx_of());
   for (int t : {0, 2}) {
     EXPECT_EQ(fc.output.row(t).cwiseAbs().maxCoeff(), 0.0) << t;
     EXPECT_EQ(fc.output_bias->row(t).cwiseAbs().maxCoeff(), 0.0) << t;
@@ -340,7 +340,7 @@ RC_GTEST_PROP(MoeLayerProperty, CapacityCombineUsesOnlyKeptPairs, ()) {
   const TransformerConfig cfg = layer_config(s);
   const MatMap w = sequential_weights(s, seed);
   const Mat x = random_normal(T, s.h, seed, "x");
-  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, float64_math(), ctx_of());
   const double cap = std::ceil(static_cast<double>(T * s.k) / static_cast<double>(s.experts) * factor);
   const auto capacity = static_cast<int64_t>(std::min(cap, static_cast<double>(T)));
   Mat expected = Mat::Zero(T, s.h), expected_bias = Mat::Zero(T, s.h);
@@ -349,7 +349,7 @@ RC_GTEST_PROP(MoeLayerProperty, CapacityCombineUsesOnlyKeptPairs, ()) {
     RC_ASSERT((pad ? n == capacity : n <= capacity));
     RC_ASSERT(n == f.router.tokens_per_expert[static_cast<size_t>(e)]);
     const Params ew = Params(w).sub("mlp.experts.local_experts." + std::to_string(e));
-    const MlpForward m = mlp_forward(cfg, ew, x, truth_precision());
+    const MlpForward m = mlp_forward(cfg, ew, x, float64_math());
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t j = 0; j < s.k; ++j) {
         if (f.router.indices(t, j) != e || f.router.kept(t, j) == 0) continue;
@@ -374,7 +374,7 @@ RC_GTEST_PROP(MoeLayerProperty, DispatchCoversEveryPairOnceInTokenOrder, ()) {
   const TransformerConfig cfg = layer_config(s);
   const MatMap w = sequential_weights(s, seed);
   const Mat x = random_normal(T, s.h, seed, "x");
-  const RouterForward r = moe_router_forward(cfg, Params(w).sub("mlp.router"), x, truth_precision(), ctx_of());
+  const RouterForward r = moe_router_forward(cfg, Params(w).sub("mlp.router"), x, float64_math(), ctx_of());
   const std::vector<ExpertForward> d = moe_dispatch(r, x);
   Mat seen = Mat::Zero(T, s.k);
   for (size_t e = 0; e < d.size(); ++e) {
@@ -465,7 +465,7 @@ TEST(MoeLayer, GradientsMatchFiniteDifferences) {
       const std::optional<Mat> d_bias = gc.with_output_bias_grad && s.bias ? std::optional<Mat>(dob) : std::nullopt;
       const RunContext ctx = ctx_of(gc.training, seed);
       auto forward = [&](const MatMap& v) {
-        return moe_layer_forward(cfg, Params(v).sub("mlp"), v.at("x"), truth_precision(), ctx);
+        return moe_layer_forward(cfg, Params(v).sub("mlp"), v.at("x"), float64_math(), ctx);
       };
       const MoeLayerForward f = forward(vars);
       const RouterForward& r = f.router;
@@ -476,7 +476,7 @@ TEST(MoeLayer, GradientsMatchFiniteDifferences) {
         // scores within 1e-3 of each other.
         TransformerConfig dropless = cfg;
         dropless.moe_expert_capacity_factor.reset();
-        const Mat all = moe_router_forward(dropless, Params(vars).sub("mlp.router"), vars.at("x"), truth_precision(),
+        const Mat all = moe_router_forward(dropless, Params(vars).sub("mlp.router"), vars.at("x"), float64_math(),
                                            ctx.sub("router"))
                             .scores;
         bool close = false;
@@ -489,7 +489,7 @@ TEST(MoeLayer, GradientsMatchFiniteDifferences) {
       ++checked;
       MatMap analytic;
       analytic["x"] = moe_layer_backward(cfg, Params(vars).sub("mlp"), vars.at("x"), f, dout, d_bias,
-                                         Sink(analytic).sub("mlp"), truth_precision());
+                                         Sink(analytic).sub("mlp"), float64_math());
       const auto loss = [&](const MatMap& v) {
         const MoeLayerForward g = forward(v);
         double l = dot(g.output, dout) + g.router.aux_loss.value_or(0.0) + g.router.z_loss.value_or(0.0);
@@ -517,9 +517,9 @@ TEST(MoeLayer, EmulatedPrecisionTracksTheTruth) {
   for (auto& [key, m] : w) round_inplace(m, DType::BF16);
   const Mat x = rounded(random_normal(12, s.h, 9, "x"), DType::BF16);
   const Mat dout = rounded(random_normal(12, s.h, 9, "dout"), DType::BF16);
-  const MoeLayerForward truth = moe_layer_forward(cfg, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward truth = moe_layer_forward(cfg, Params(w).sub("mlp"), x, float64_math(), ctx_of());
   const Mat dx_truth =
-      moe_layer_backward(cfg, Params(w).sub("mlp"), x, truth, dout, std::nullopt, Sink(), truth_precision());
+      moe_layer_backward(cfg, Params(w).sub("mlp"), x, truth, dout, std::nullopt, Sink(), float64_math());
   const double scale = truth.output.cwiseAbs().maxCoeff();
   for (DType dt : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(dtype_name(dt));
@@ -547,30 +547,30 @@ TEST(MoeLayer, ClearErrorsOnBadInput) {
   MatMap w = sequential_weights(s, 1);
   MatMap missing = w;
   missing.erase("mlp.experts.local_experts.2.linear_fc2.weight");
-  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(missing).sub("mlp"), x, truth_precision(), ctx_of()); })
+  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(missing).sub("mlp"), x, float64_math(), ctx_of()); })
                 .find("mlp.experts.local_experts.2.linear_fc2.weight"),
             std::string::npos);
   MatMap misshapen = w;
   misshapen["mlp.experts.local_experts.1.linear_fc1.bias"] = Mat::Zero(1, s.ffn + 1);
-  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(misshapen).sub("mlp"), x, truth_precision(), ctx_of()); })
+  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(misshapen).sub("mlp"), x, float64_math(), ctx_of()); })
                 .find("mlp.experts.local_experts.1.linear_fc1.bias"),
             std::string::npos);
   MatMap no_router = w;
   no_router.erase("mlp.router.weight");
-  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(no_router).sub("mlp"), x, truth_precision(), ctx_of()); })
+  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(no_router).sub("mlp"), x, float64_math(), ctx_of()); })
                 .find("mlp.router.weight"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(w).sub("mlp"), Mat::Zero(5, s.h + 1), truth_precision(),
+  EXPECT_NE(error_of([&] { moe_layer_forward(cfg, Params(w).sub("mlp"), Mat::Zero(5, s.h + 1), float64_math(),
                                               ctx_of()); })
                 .find("hidden_size"),
             std::string::npos);
-  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, truth_precision(), ctx_of());
+  const MoeLayerForward f = moe_layer_forward(cfg, Params(w).sub("mlp"), x, float64_math(), ctx_of());
   EXPECT_NE(error_of([&] { moe_layer_backward(cfg, Params(w).sub("mlp"), x, f, Mat::Zero(4, s.h), std::nullopt,
-                                               Sink(), truth_precision()); })
+                                               Sink(), float64_math()); })
                 .find("d_output"),
             std::string::npos);
   EXPECT_NE(error_of([&] { moe_layer_backward(cfg, Params(w).sub("mlp"), x, f, Mat::Zero(5, s.h),
-                                               Mat(Mat::Zero(5, 1)), Sink(), truth_precision()); })
+                                               Mat(Mat::Zero(5, 1)), Sink(), float64_math()); })
                 .find("d_output_bias"),
             std::string::npos);
   LayerSpec g = s;
@@ -578,12 +578,12 @@ TEST(MoeLayer, ClearErrorsOnBadInput) {
   const TransformerConfig gcfg = layer_config(g);
   MatMap gw = grouped_from_sequential(g, sequential_weights(g, 1));
   gw.erase("mlp.experts.weight2");
-  EXPECT_NE(error_of([&] { moe_layer_forward(gcfg, Params(gw).sub("mlp"), x, truth_precision(), ctx_of()); })
+  EXPECT_NE(error_of([&] { moe_layer_forward(gcfg, Params(gw).sub("mlp"), x, float64_math(), ctx_of()); })
                 .find("mlp.experts.weight2"),
             std::string::npos);
   TransformerConfig grouped_bias = gcfg;
   grouped_bias.add_bias_linear = true;
-  EXPECT_NE(error_of([&] { moe_layer_forward(grouped_bias, Params(gw).sub("mlp"), x, truth_precision(), ctx_of()); })
+  EXPECT_NE(error_of([&] { moe_layer_forward(grouped_bias, Params(gw).sub("mlp"), x, float64_math(), ctx_of()); })
                 .find("add_bias_linear"),
             std::string::npos);
 }

@@ -14,7 +14,12 @@ namespace paritron::ref {
 
 namespace {
 
-constexpr int64_t kSinkhornMaxIterations = 100000;
+// Megatron's sinkhorn loops without a cap; with a dominant expert and few
+// tokens it takes 1e5..1e6 iterations to converge. The reference follows it
+// up to a work budget of ~2e10 multiply-adds (a minute or so), at least 1e7
+// iterations, then stops with an error rather than hanging.
+constexpr double kSinkhornWorkBudget = 2e10;
+constexpr int64_t kSinkhornMinIterations = 10000000;
 
 // torch's type promotion between the floating dtypes Paritron emulates.
 int precision_rank(DType d) {
@@ -42,7 +47,8 @@ struct RouterDtypes {
 RouterDtypes router_dtypes(const TransformerConfig& cfg, const Precision& p) {
   RouterDtypes d{p.dtype, p.dtype, p.dtype, DType::F32};
   if (p.dtype == DType::F64) {
-    d.fp32 = DType::F64;
+    // Megatron's softmax(dtype=float32) rounds even in a float64 model.
+    d.fp32 = p.forced_fp32 ? DType::F32 : DType::F64;
     return d;
   }
   if (cfg.moe_router_dtype == "fp32") d.router = DType::F32;
@@ -139,7 +145,7 @@ std::vector<int64_t> topk_indices(const double* row, int64_t n, int64_t k) {
   return order;
 }
 
-Mat sinkhorn_fp32(const Mat& cost, double tol) {
+Mat sinkhorn_fp32(const Mat& cost, double tol, int64_t max_iterations_wanted) {
   const Eigen::Index tokens = cost.rows(), experts = cost.cols();
   if (tokens == 0 || experts == 0) throw Error("sinkhorn: empty cost matrix");
   // cost = torch.exp(logits.to(float32)): fp32 input, exp rounded to fp32.
@@ -156,12 +162,17 @@ Mat sinkhorn_fp32(const Mat& cost, double tol) {
   double error = 1e9;  // a Python float until the first iteration replaces it with an fp32 tensor
   bool first = true;
   int64_t iterations = 0;
+  const int64_t max_iterations =
+      max_iterations_wanted > 0
+          ? max_iterations_wanted
+          : std::max<int64_t>(kSinkhornMinIterations,
+                              static_cast<int64_t>(kSinkhornWorkBudget / static_cast<double>(2 * tokens * experts)));
   while (first ? error > tol : static_cast<float>(error) > static_cast<float>(tol)) {
     first = false;
-    if (++iterations > kSinkhornMaxIterations) {
+    if (++iterations > max_iterations) {
       throw Error(fmt::format("sinkhorn: no convergence to tol {} after {} iterations (Megatron iterates without a cap; "
                               "this happens with a dominant expert and few tokens)",
-                              tol, kSinkhornMaxIterations));
+                              tol, max_iterations));
     }
     for (Eigen::Index t = 0; t < tokens; ++t) {
       double sum = 0;  // torch.sum(d1 * cost, 1): fp32 products, summed (here in double) and rounded once

@@ -148,8 +148,10 @@ Mat moe_router_backward(const TransformerConfig& cfg, const Params& w, const Mat
 // moe_utils.sinkhorn(cost, tol) as Megatron runs it on fp32 logits: C = exp(cost),
 // d0 = 1/T / (C d1 + 1e-8), d1 = 1/E / (d0^T C + 1e-8) until mean|d1_old - d1| <= tol
 // (at least one iteration); returns d1[e] * C[t,e] * d0[t]. Every value is rounded
-// to fp32 (see the decision above). Throws Error after 100000 iterations.
-Mat sinkhorn_fp32(const Mat& cost, double tol = 1e-4);
+// to fp32 (see the decision above). Megatron has no iteration cap; this throws
+// Error after max_iterations (0: a work budget of ~2e10 multiply-adds, at
+// least 1e7 iterations).
+Mat sinkhorn_fp32(const Mat& cost, double tol = 1e-4, int64_t max_iterations = 0);
 
 // Indices of the k largest values of `row` (length n) in torch.topk order with
 // the tie rule above.

@@ -94,7 +94,7 @@ TEST(MoeRouter, TopTwoScoresAuxAndZLossByHand) {
   });
   MatMap w{{"router.weight", rows_of({{1, 0}, {0, 1}, {0, 0}})}};
   const Mat x = rows_of({{kLn3, 0}, {0, 2}});
-  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
   const double e2 = std::exp(2.0);
   EXPECT_EQ(f.indices(0, 0), 0);
   EXPECT_EQ(f.indices(0, 1), 1);
@@ -122,12 +122,32 @@ TEST(MoeRouter, TopTwoScoresAuxAndZLossByHand) {
 }
 
 // "none": the same top-k-then-softmax scores, no aux loss and no probs.
+// Megatron run in float64 still computes the top-k softmax in float32
+// (router.py: softmax(top_logits, dtype=torch.float32).type_as(logits)), so
+// the truth's scores are the float32 roundings of the exact ones of the test
+// above: token 0's scores are exactly float(3/4) and float(1/4) (both exact),
+// token 1's are float(e^2/(1+e^2)), which differs from the double value.
+TEST(MoeRouter, TruthRoundsWhereMegatronForcesFloat32) {
+  const TransformerConfig cfg = moe_config(2, 3, 2, [](TransformerConfig& c) { c.moe_aux_loss_coeff = 0.1; });
+  MatMap w{{"router.weight", rows_of({{1, 0}, {0, 1}, {0, 0}})}};
+  const Mat x = rows_of({{kLn3, 0}, {0, 2}});
+  const RouterForward truth = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward exact = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
+  const double e2 = std::exp(2.0);
+  EXPECT_EQ(truth.scores(1, 0), static_cast<double>(static_cast<float>(e2 / (1 + e2))));
+  EXPECT_NE(truth.scores(1, 0), exact.scores(1, 0));
+  EXPECT_NEAR(truth.scores(1, 0), exact.scores(1, 0), 1e-7);
+  EXPECT_EQ(static_cast<double>(static_cast<float>(truth.probs->operator()(1, 1))), truth.probs->operator()(1, 1));
+  // The logits themselves are not forced: they stay float64 products.
+  EXPECT_EQ(truth.logits, exact.logits);
+}
+
 TEST(MoeRouter, NoneTypeHasNoLoss) {
   const TransformerConfig cfg =
       moe_config(2, 3, 2, [](TransformerConfig& c) { c.moe_router_load_balancing_type = "none"; });
   MatMap w{{"router.weight", rows_of({{1, 0}, {0, 1}, {0, 0}})}};
   const RouterForward f =
-      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0}}), truth_precision(), eval_ctx());
+      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0}}), float64_math(), eval_ctx());
   EXPECT_NEAR(f.scores(0, 0), 0.75, 1e-15);
   EXPECT_FALSE(f.aux_loss.has_value());
   EXPECT_FALSE(f.z_loss.has_value());
@@ -142,12 +162,12 @@ TEST(MoeRouter, RouterBiasOfNewerVersions) {
   const TransformerConfig cfg = moe_config(2, 2, 2);
   MatMap w{{"router.weight", Mat::Identity(2, 2)}, {"router.bias", rows_of({{kLn3, 0}})}};
   const Mat x = Mat::Zero(1, 2);
-  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
   EXPECT_NEAR(f.scores(0, 0), 0.75, 1e-15);
   EXPECT_EQ(f.indices(0, 0), 0);
   MatMap g;
   moe_router_backward(cfg, Params(w).sub("router"), x, f, rows_of({{1, 0}}), Sink(g).sub("router"),
-                      truth_precision());
+                      float64_math());
   EXPECT_NEAR(g.at("router.bias")(0, 0), 3.0 / 16, 1e-15);
   EXPECT_NEAR(g.at("router.bias")(0, 1), -3.0 / 16, 1e-15);
   EXPECT_EQ(g.at("router.weight").cwiseAbs().maxCoeff(), 0.0);
@@ -159,7 +179,7 @@ TEST(MoeRouter, AuxLossOfUniformProbsIsTheCoefficient) {
   const TransformerConfig cfg = moe_config(3, 5, 2, [](TransformerConfig& c) { c.moe_aux_loss_coeff = 0.37; });
   MatMap w{{"router.weight", Mat::Zero(5, 3)}};
   const Mat x = random_normal(7, 3, 1, "x");
-  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
   EXPECT_NEAR(*f.aux_loss, 0.37, 1e-15);
   // All logits tie: every token picks experts 0 and 1 (lower index first).
   EXPECT_EQ(f.tokens_per_expert, (std::vector<int64_t>{7, 7, 0, 0, 0}));
@@ -222,8 +242,13 @@ TEST(MoeRouter, SinkhornTwoByTwoByHand) {
 // change per iteration falls only like 1/n^2 (0.12 at n = 20000, worked through in
 // Python with fp32 rounding of every operation): Megatron's uncapped loop would need
 // about a million iterations. The reference gives up after 100000 with an Error.
+// Logits 16 apart on one token: Megatron's loop needs about 1e6 iterations.
+// The reference follows it (the default budget allows >= 1e7) and stops with
+// a clear error only past its cap.
 TEST(MoeRouter, SinkhornThatConvergesTooSlowlyThrows) {
-  EXPECT_NE(error_of([] { sinkhorn_fp32(rows_of({{8, -8}})); }).find("no convergence"), std::string::npos);
+  EXPECT_NE(error_of([] { sinkhorn_fp32(rows_of({{8, -8}}), 1e-4, 1000); }).find("no convergence"), std::string::npos);
+  const Mat converged = sinkhorn_fp32(rows_of({{8, -8}}));
+  EXPECT_GT(converged(0, 0), converged(0, 1));
 }
 
 // The same logits through the router with k = 1: in training sinkhorn balances
@@ -236,14 +261,14 @@ TEST(MoeRouter, SinkhornTrainingVersusEval) {
       moe_config(2, 2, 1, [](TransformerConfig& c) { c.moe_router_load_balancing_type = "sinkhorn"; });
   MatMap w = identity_router(2, 2);
   const Mat x = rows_of({{kLn4, 0}, {kLn2, 0}});
-  const RouterForward tr = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), train_ctx());
+  const RouterForward tr = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), train_ctx());
   EXPECT_EQ(tr.indices(0, 0), 0);
   EXPECT_EQ(tr.indices(1, 0), 1);
   EXPECT_NEAR(tr.scores(0, 0), 0.8, 1e-15);
   EXPECT_NEAR(tr.scores(1, 0), 0.5, 1e-15);
   EXPECT_EQ(tr.tokens_per_expert, (std::vector<int64_t>{1, 1}));
   EXPECT_FALSE(tr.aux_loss.has_value());
-  const RouterForward ev = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward ev = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
   EXPECT_EQ(ev.indices(0, 0), 0);
   EXPECT_EQ(ev.indices(1, 0), 0);
   EXPECT_NEAR(ev.scores(0, 0), 0.8, 1e-15);
@@ -259,7 +284,7 @@ TEST(MoeRouter, SinkhornTopTwoScoresAreTheFullSoftmax) {
       moe_config(3, 3, 2, [](TransformerConfig& c) { c.moe_router_load_balancing_type = "sinkhorn"; });
   MatMap w = identity_router(3, 3);
   const RouterForward ev =
-      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0, 0}}), truth_precision(), eval_ctx());
+      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0, 0}}), float64_math(), eval_ctx());
   EXPECT_NEAR(ev.scores(0, 0), 0.6, 1e-15);
   EXPECT_NEAR(ev.scores(0, 1), 0.2, 1e-15);
   ASSERT_TRUE(ev.probs.has_value());
@@ -275,9 +300,9 @@ TEST(MoeRouter, JitterIsDeterministicBySeedAndBounded) {
   MatMap w{{"router.weight", random_normal(6, 4, 4, "w")}};
   const Mat x = random_normal(10, 4, 4, "x");
   const Params rw = Params(w).sub("router");
-  const RouterForward a = moe_router_forward(cfg, rw, x, truth_precision(), train_ctx(11));
-  const RouterForward b = moe_router_forward(cfg, rw, x, truth_precision(), train_ctx(11));
-  const RouterForward c = moe_router_forward(cfg, rw, x, truth_precision(), train_ctx(12));
+  const RouterForward a = moe_router_forward(cfg, rw, x, float64_math(), train_ctx(11));
+  const RouterForward b = moe_router_forward(cfg, rw, x, float64_math(), train_ctx(11));
+  const RouterForward c = moe_router_forward(cfg, rw, x, float64_math(), train_ctx(12));
   ASSERT_EQ(a.jitter.rows(), 10);
   EXPECT_EQ(a.jitter, b.jitter);
   EXPECT_EQ(a.scores, b.scores);
@@ -288,7 +313,7 @@ TEST(MoeRouter, JitterIsDeterministicBySeedAndBounded) {
   // u is an fp32 value; the jittered logits are logits * u, and 0.5.0 applies it in eval too.
   for (Eigen::Index i = 0; i < a.jitter.size(); ++i) EXPECT_EQ(a.jitter.data()[i], round_to(a.jitter.data()[i], DType::F32));
   EXPECT_EQ(a.routing_logits, a.logits.cwiseProduct(a.jitter));
-  const RouterForward ev = moe_router_forward(cfg, rw, x, truth_precision(), eval_ctx(11));
+  const RouterForward ev = moe_router_forward(cfg, rw, x, float64_math(), eval_ctx(11));
   EXPECT_EQ(ev.jitter, a.jitter);
   // The z-loss sees the logits before jitter: the same with and without it.
   const TransformerConfig cz = moe_config(4, 6, 2, [&](TransformerConfig& c) {
@@ -296,8 +321,8 @@ TEST(MoeRouter, JitterIsDeterministicBySeedAndBounded) {
     c.moe_z_loss_coeff = 1.0;
   });
   const TransformerConfig cz0 = moe_config(4, 6, 2, [&](TransformerConfig& c) { c.moe_z_loss_coeff = 1.0; });
-  EXPECT_EQ(*moe_router_forward(cz, rw, x, truth_precision(), eval_ctx(3)).z_loss,
-            *moe_router_forward(cz0, rw, x, truth_precision(), eval_ctx(3)).z_loss);
+  EXPECT_EQ(*moe_router_forward(cz, rw, x, float64_math(), eval_ctx(3)).z_loss,
+            *moe_router_forward(cz0, rw, x, float64_math(), eval_ctx(3)).z_loss);
 }
 
 // ---------------------------------------------------------------------------
@@ -309,7 +334,7 @@ TEST(MoeRouter, PreSoftmaxByHand) {
   const TransformerConfig cfg = moe_config(3, 3, 2, [](TransformerConfig& c) { c.moe_router_pre_softmax = true; });
   MatMap w = identity_router(3, 3);
   const RouterForward f =
-      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0, 0}}), truth_precision(), eval_ctx());
+      moe_router_forward(cfg, Params(w).sub("router"), rows_of({{kLn3, 0, 0}}), float64_math(), eval_ctx());
   EXPECT_EQ(f.indices(0, 0), 0);
   EXPECT_EQ(f.indices(0, 1), 1);
   EXPECT_NEAR(f.scores(0, 0), 0.6, 1e-15);
@@ -327,7 +352,7 @@ TEST(MoeRouter, SigmoidScalingAndExpertBiasByHand) {
   });
   MatMap w = identity_router(3, 3);
   const Mat x = rows_of({{0, kLn3, -kLn3}});
-  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
   EXPECT_EQ(f.indices(0, 0), 1);
   EXPECT_EQ(f.indices(0, 1), 0);
   EXPECT_NEAR(f.scores(0, 0), 1.5, 1e-15);
@@ -339,7 +364,7 @@ TEST(MoeRouter, SigmoidScalingAndExpertBiasByHand) {
     c.moe_router_enable_expert_bias = true;
   });
   w.emplace("router.expert_bias", rows_of({{0, 0, 0.6}}));
-  const RouterForward b = moe_router_forward(cb, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward b = moe_router_forward(cb, Params(w).sub("router"), x, float64_math(), eval_ctx());
   EXPECT_EQ(b.indices(0, 0), 2);
   EXPECT_EQ(b.indices(0, 1), 1);
   EXPECT_NEAR(b.scores(0, 0), 0.25 * 2.5, 1e-15);
@@ -364,7 +389,7 @@ TEST(MoeRouter, CapacityDropsByProbsOrPosition) {
         c.moe_token_drop_policy = policy;
         c.moe_pad_expert_input_to_capacity = pad;
       });
-      const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+      const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
       const std::vector<double> kept =
           policy == "probs" ? std::vector<double>{0, 1, 0, 1} : std::vector<double>{1, 1, 0, 0};
       const double p[] = {0.6, 0.9, 0.7, 0.8};
@@ -382,7 +407,7 @@ TEST(MoeRouter, CapacityDropsByProbsOrPosition) {
     c.moe_router_pre_softmax = true;
     c.moe_expert_capacity_factor = 4.0;
   });
-  EXPECT_TRUE(moe_router_forward(big, Params(w).sub("router"), x, truth_precision(), eval_ctx()).kept.isOnes());
+  EXPECT_TRUE(moe_router_forward(big, Params(w).sub("router"), x, float64_math(), eval_ctx()).kept.isOnes());
 }
 
 // ---------------------------------------------------------------------------
@@ -461,7 +486,7 @@ TEST(MoeRouter, GradientsMatchFiniteDifferencesInEveryMode) {
       const Mat ds = random_normal(T, gc.k, seed, "d_scores");
       const RunContext ctx = gc.training ? train_ctx(seed) : eval_ctx(seed);
       auto forward = [&](const MatMap& v) {
-        return moe_router_forward(cfg, Params(v).sub("router"), v.at("x"), truth_precision(), ctx);
+        return moe_router_forward(cfg, Params(v).sub("router"), v.at("x"), float64_math(), ctx);
       };
       const RouterForward f = forward(vars);
       // Well-separated selections only: FD must not flip a choice (relative to the
@@ -473,7 +498,7 @@ TEST(MoeRouter, GradientsMatchFiniteDifferencesInEveryMode) {
         // and something is dropped.
         TransformerConfig dropless = cfg;
         dropless.moe_expert_capacity_factor.reset();
-        const Mat all = moe_router_forward(dropless, Params(vars).sub("router"), vars.at("x"), truth_precision(), ctx)
+        const Mat all = moe_router_forward(dropless, Params(vars).sub("router"), vars.at("x"), float64_math(), ctx)
                             .scores;
         bool close = false;
         for (Eigen::Index a = 0; a < all.size(); ++a) {
@@ -484,7 +509,7 @@ TEST(MoeRouter, GradientsMatchFiniteDifferencesInEveryMode) {
       ++checked_seeds;
       MatMap analytic;
       analytic["x"] = moe_router_backward(cfg, Params(vars).sub("router"), vars.at("x"), f, ds,
-                                          Sink(analytic).sub("router"), truth_precision());
+                                          Sink(analytic).sub("router"), float64_math());
       analytic["router.expert_bias"] = Mat::Zero(1, gc.experts);  // a buffer: no gradient by construction
       const auto loss = [&](const MatMap& v) {
         const RouterForward g = forward(v);
@@ -521,7 +546,7 @@ RC_GTEST_PROP(MoeRouterProperty, TopkRoutingInvariants, ()) {
   const RunContext ctx = training ? train_ctx(seed) : eval_ctx(seed);
   RouterForward f;
   try {
-    f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), ctx);
+    f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), ctx);
   } catch (const Error& e) {
     RC_ASSERT(std::string(e.what()).find("sinkhorn: no convergence") != std::string::npos);
     RC_DISCARD("sinkhorn does not converge on this draw");
@@ -578,8 +603,8 @@ RC_GTEST_PROP(MoeRouterProperty, CapacityIsNeverExceededAndKeepsTheBest, ()) {
   });
   MatMap w{{"router.weight", random_normal(E, h, seed, "w")}};
   const Mat x = random_normal(T, h, seed, "x", 2.0);
-  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, truth_precision(), eval_ctx());
-  const RouterForward d = moe_router_forward(dropless, Params(w).sub("router"), x, truth_precision(), eval_ctx());
+  const RouterForward f = moe_router_forward(cfg, Params(w).sub("router"), x, float64_math(), eval_ctx());
+  const RouterForward d = moe_router_forward(dropless, Params(w).sub("router"), x, float64_math(), eval_ctx());
   const double cap = std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * factor);
   const auto capacity = static_cast<int64_t>(std::min(cap, static_cast<double>(T)));
   RC_ASSERT(f.indices == d.indices);
@@ -625,9 +650,9 @@ TEST(MoeRouter, EmulatedPrecisionTracksTheTruth) {
   MatMap w{{"router.weight", rounded(random_normal(E, h, 5, "w", 0.3), DType::BF16)}};
   const Mat x = rounded(random_normal(T, h, 5, "x"), DType::BF16);
   const Params rw = Params(w).sub("router");
-  const RouterForward truth = moe_router_forward(cfg, rw, x, truth_precision(), eval_ctx());
+  const RouterForward truth = moe_router_forward(cfg, rw, x, float64_math(), eval_ctx());
   const Mat ds = rounded(random_normal(T, k, 5, "ds"), DType::BF16);
-  const Mat dx_truth = moe_router_backward(cfg, rw, x, truth, ds, Sink(), truth_precision());
+  const Mat dx_truth = moe_router_backward(cfg, rw, x, truth, ds, Sink(), float64_math());
   bool differs = false;
   for (DType dt : {DType::F32, DType::BF16}) {
     SCOPED_TRACE(dtype_name(dt));
@@ -684,34 +709,34 @@ TEST(MoeRouter, ClearErrorsOnBadInput) {
   const Params rw = Params(w).sub("mlp").sub("router");
   const Mat x = Mat::Zero(5, 4);
   MatMap none;
-  EXPECT_NE(error_of([&] { moe_router_forward(cfg, Params(none).sub("mlp.router"), x, truth_precision(), eval_ctx()); })
+  EXPECT_NE(error_of([&] { moe_router_forward(cfg, Params(none).sub("mlp.router"), x, float64_math(), eval_ctx()); })
                 .find("mlp.router.weight"),
             std::string::npos);
   MatMap bad{{"mlp.router.weight", Mat::Zero(4, 3)}};
-  EXPECT_NE(error_of([&] { moe_router_forward(cfg, Params(bad).sub("mlp.router"), x, truth_precision(), eval_ctx()); })
+  EXPECT_NE(error_of([&] { moe_router_forward(cfg, Params(bad).sub("mlp.router"), x, float64_math(), eval_ctx()); })
                 .find("mlp.router.weight"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { moe_router_forward(cfg, rw, Mat::Zero(5, 3), truth_precision(), eval_ctx()); })
+  EXPECT_NE(error_of([&] { moe_router_forward(cfg, rw, Mat::Zero(5, 3), float64_math(), eval_ctx()); })
                 .find("hidden_size"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { moe_router_forward(cfg, rw, Mat::Zero(0, 4), truth_precision(), eval_ctx()); })
+  EXPECT_NE(error_of([&] { moe_router_forward(cfg, rw, Mat::Zero(0, 4), float64_math(), eval_ctx()); })
                 .find("no tokens"),
             std::string::npos);
   TransformerConfig dense = cfg;
   dense.num_moe_experts.reset();
-  EXPECT_NE(error_of([&] { moe_router_forward(dense, rw, x, truth_precision(), eval_ctx()); }).find("num_moe_experts"),
+  EXPECT_NE(error_of([&] { moe_router_forward(dense, rw, x, float64_math(), eval_ctx()); }).find("num_moe_experts"),
             std::string::npos);
   TransformerConfig too_many = cfg;
   too_many.moe_router_topk = 4;
-  EXPECT_NE(error_of([&] { moe_router_forward(too_many, rw, x, truth_precision(), eval_ctx()); })
+  EXPECT_NE(error_of([&] { moe_router_forward(too_many, rw, x, float64_math(), eval_ctx()); })
                 .find("moe_router_topk"),
             std::string::npos);
   TransformerConfig unknown = cfg;
   unknown.moe_router_load_balancing_type = "switch";
-  EXPECT_NE(error_of([&] { moe_router_forward(unknown, rw, x, truth_precision(), eval_ctx()); }).find("switch"),
+  EXPECT_NE(error_of([&] { moe_router_forward(unknown, rw, x, float64_math(), eval_ctx()); }).find("switch"),
             std::string::npos);
-  const RouterForward f = moe_router_forward(cfg, rw, x, truth_precision(), eval_ctx());
-  EXPECT_NE(error_of([&] { moe_router_backward(cfg, rw, x, f, Mat::Zero(5, 3), Sink(), truth_precision()); })
+  const RouterForward f = moe_router_forward(cfg, rw, x, float64_math(), eval_ctx());
+  EXPECT_NE(error_of([&] { moe_router_backward(cfg, rw, x, f, Mat::Zero(5, 3), Sink(), float64_math()); })
                 .find("d_scores"),
             std::string::npos);
   EXPECT_THROW(sinkhorn_fp32(Mat(0, 2)), Error);

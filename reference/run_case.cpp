@@ -8,6 +8,7 @@
 #include <functional>
 
 #include "common/error.h"
+#include "common/module_params.h"
 #include "reference/core.h"
 #include "reference/cross_attention.h"
 #include "reference/dot_product_attention.h"
@@ -32,15 +33,76 @@ const std::vector<std::pair<std::string, std::string>> kTeNormAliases = {
     {"mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."},
 };
 
+// The parameters a case of this component may hold, with their shapes: the
+// catalogue of common/module_params.h (local spec), plus what the catalogue
+// leaves out: the cross-attention submodules a layer may have (encoder-decoder
+// specs), the newer router.bias / router.expert_bias, and GroupedMLP's
+// weight1 / weight2 in place of the per-expert linears.
+std::map<std::string, Shape> allowed_weights(const std::string& component, const TransformerConfig& cfg) {
+  std::map<std::string, Shape> allowed;
+  if (component == "dot_product_attention" || component == "rotary_pos_emb") return allowed;
+  const int64_t h = cfg.hidden_size;
+  auto add_router_extras = [&](const std::string& prefix) {
+    const int64_t experts = *cfg.num_moe_experts;
+    allowed[prefix + "bias"] = {experts};
+    allowed[prefix + "expert_bias"] = {experts};
+  };
+  if (component == "moe_router") {
+    if (!cfg.num_moe_experts) return allowed;
+    allowed["weight"] = {*cfg.num_moe_experts, h};
+    add_router_extras("");
+    return allowed;
+  }
+  TransformerConfig plain = cfg;
+  plain.moe_grouped_gemm = false;  // the catalogue lists per-expert linears
+  const int64_t layers = component == "transformer_block" ? cfg.num_layers : 1;
+  for (const ParamSpec& spec : module_params(component, plain)) {
+    if (cfg.moe_grouped_gemm && spec.key.find("experts.local_experts.") != std::string::npos) continue;
+    allowed[spec.key] = spec.shape;
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    std::string layer = component == "transformer_block" ? fmt::format("layers.{}.", l) : "";
+    std::string mlp = component == "moe_layer" ? "" : layer + "mlp.";
+    if (cfg.num_moe_experts && component != "mlp") {
+      add_router_extras(mlp + "router.");
+      if (cfg.moe_grouped_gemm) {
+        const int64_t e = *cfg.num_moe_experts, f = expert_ffn_hidden_size(cfg);
+        allowed[mlp + "experts.weight1"] = {h, e * (cfg.gated_linear_unit ? 2 * f : f)};
+        allowed[mlp + "experts.weight2"] = {e * f, h};
+      }
+    }
+    // Cross attention exists only without GQA (CrossAttention raises otherwise).
+    const bool cross_possible = cfg.num_query_groups == cfg.num_attention_heads;
+    if ((component == "transformer_layer" || component == "transformer_block") && cross_possible) {
+      const std::string norm = cfg.normalization == "RMSNorm" ? "rmsnorm" : "layernorm";
+      for (const ParamSpec& spec : module_params(norm, plain)) allowed[layer + "pre_cross_attn_layernorm." + spec.key] = spec.shape;
+      for (const ParamSpec& spec : module_params("cross_attention", plain)) allowed[layer + "cross_attention." + spec.key] = spec.shape;
+    }
+  }
+  return allowed;
+}
+
 // The case's tensors as the reference consumes them.
 class CaseRun {
  public:
   CaseRun(const Case& c, const ReferenceOptions& options, ReferenceResult& result)
       : case_(c), result_(result), precision_(emulated_precision(options.dtype, c.config)) {
-    if (options.dtype == DType::F64) precision_ = truth_precision();
+    if (options.dtype == DType::F64) precision_ = options.forced_fp32 ? truth_precision() : float64_math();
+    const std::map<std::string, Shape> allowed = allowed_weights(c.component, c.config);
     for (const auto& [name, tensor] : c.tensors) {
       if (name.rfind("weights.", 0) != 0) continue;
       const std::string key = local_key(name.substr(8));
+      auto spec = allowed.find(key);
+      if (spec == allowed.end()) {
+        throw Error(fmt::format("{} is not a parameter of {} under this config (a bias with add_bias_linear "
+                                "false, a width the config does not give, or a misspelt key?)",
+                                name, c.component));
+      }
+      if (tensor.shape() != spec->second) {
+        throw Error(fmt::format("{} has shape {}, the config gives {}", name, shape_string(tensor.shape()),
+                                shape_string(spec->second)));
+      }
+      if (weights_.count(key)) throw Error(fmt::format("{} is given twice (under its local and its TE name)", key));
       weights_[key] = rounded(to_mat(tensor), precision_.dtype);
       weight_shapes_[key] = {name, tensor.shape()};
     }
@@ -98,6 +160,9 @@ class CaseRun {
     return AttentionMask::from_tensor(input_tensor(name), "inputs." + name);
   }
   // inputs.rotary_pos_emb [s, 1, 1, rot_dim] as the [s, rot_dim] angle table.
+  // RotaryEmbedding always makes float32 angles and the attention takes cos/sin
+  // in that dtype; a table with values float32 cannot hold is refused rather
+  // than silently rounded.
   std::optional<Mat> rotary(int64_t s) const {
     if (!has_input("rotary_pos_emb")) return std::nullopt;
     const Tensor& t = input_tensor("rotary_pos_emb");
@@ -105,7 +170,12 @@ class CaseRun {
       throw Error(fmt::format("inputs.rotary_pos_emb has shape {}, expected [{}, 1, 1, rot_dim]",
                               shape_string(t.shape()), s));
     }
-    return to_mat(t);  // float32 angles: Megatron never rounds them to the activation dtype
+    const Mat angles = to_mat(t);
+    if (angles != rounded(angles, DType::F32)) {
+      throw Error("inputs.rotary_pos_emb holds values that are not float32 numbers; RotaryEmbedding's angles are "
+                  "float32 (store them as F32)");
+    }
+    return angles;
   }
   void input_grad(const std::string& name, const Mat& value) {
     result_.tensors["grads.inputs." + name] = to_tensor(value, input_tensor(name).shape());
@@ -180,15 +250,17 @@ void run_rotary_pos_emb(CaseRun& run) {
                             shape_string(freqs.shape()), s, d));
   }
   const Mat x = run.input("t");
-  const Mat angles = to_mat(freqs);  // float32 angles stay unrounded: Megatron keeps them float32
+  // cos/sin are taken in the dtype of freqs (float32 from RotaryEmbedding), spec §5.2.
+  const Mat angles = to_mat(freqs);
+  const DType freqs_dtype = freqs.dtype();
   const bool interleaved = run.config().rotary_interleaved;
   const Mat y = apply_rotary_pos_emb_forward(x.reshaped<Eigen::RowMajor>(s * b, heads * d), b, heads, angles,
-                                             interleaved, run.precision());
+                                             interleaved, run.precision(), freqs_dtype);
   run.output("output", y, t.shape());
   if (!run.backward()) return;
   const Mat dy = run.output_grad("grad_output", t.shape());
   const Mat dx = apply_rotary_pos_emb_backward(dy.reshaped<Eigen::RowMajor>(s * b, heads * d), b, heads, angles,
-                                               interleaved, run.precision());
+                                               interleaved, run.precision(), freqs_dtype);
   run.input_grad("t", dx);
 }
 
@@ -273,8 +345,12 @@ void run_cross_attention(CaseRun& run) {
   const Mat x = run.hidden("hidden_states", &s, &b);
   const Mat kv = run.hidden("key_value_states", &sk, &bk);
   if (bk != b) throw Error(fmt::format("inputs.key_value_states has b = {}, inputs.hidden_states b = {}", bk, b));
+  // CrossAttention's default mask type is padding; the case's metadata, when given, wins.
+  const Case& c = run.the_case();
+  const AttnMaskType mask_type =
+      c.attn_mask_type_given ? attn_mask_type_from_string(c.attn_mask_type) : AttnMaskType::padding;
   const CrossAttentionForward f = cross_attention_forward(
-      cfg, run.weights(), x, kv, b, attn_mask_type_from_string(run.the_case().attn_mask_type),
+      cfg, run.weights(), x, kv, b, mask_type,
       run.mask("attention_mask"), run.precision(), run.context(), run.taps());
   const Shape shape{s, b, cfg.hidden_size};
   run.output("output", f.output, shape);

@@ -25,6 +25,10 @@ namespace paritron::ref {
 struct ReferenceOptions {
   DType dtype = DType::F64;  // F64: the truth; F32/BF16/F16: emulate Megatron running in that dtype
   bool backward = true;      // run the backward when the case has inputs.grad_output
+  // F64 only: round where Megatron forces float32 in a float64 model (the
+  // router's fp32 softmax), as Megatron's own float64 outputs are. false gives
+  // the smooth float64 function (finite-difference checks).
+  bool forced_fp32 = true;
 };
 
 struct ReferenceResult {

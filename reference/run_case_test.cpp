@@ -39,6 +39,7 @@ const char* kDropout = R"({"num_layers": 1, "hidden_size": 8, "num_attention_hea
 double case_loss(const Case& c) {
   ReferenceOptions forward;
   forward.backward = false;
+  forward.forced_fp32 = false;  // the smooth float64 function
   const ReferenceResult r = run_reference(c, forward);
   auto dot = [&](const std::string& out, const std::string& grad) {
     auto o = r.tensors.find(out);
@@ -68,17 +69,21 @@ bool differentiable(const std::string& name, const Tensor& t) {
          name != "inputs.freqs";
 }
 
-// Finite differences of case_loss against the case's grads.* (which make_case
-// filled from the reference's backward), on up to `per_tensor` elements of
-// every weight and differentiable input.
+// Finite differences of case_loss against the reference's backward in pure
+// float64 math, on up to `per_tensor` elements of every weight and
+// differentiable input.
 void expect_gradients_match(const Case& made, int per_tensor = 6) {
   Case c = made;
+  ReferenceOptions smooth;
+  smooth.forced_fp32 = false;
+  const ReferenceResult analytic_run = run_reference(made, smooth);
   int64_t checked = 0;
   for (const auto& [name, tensor] : made.tensors) {
     if (!differentiable(name, tensor)) continue;
     const std::string grad_name = "grads." + name;
-    auto grad = made.tensors.find(grad_name);
-    ASSERT_NE(grad, made.tensors.end()) << "no " << grad_name << " in a " << made.component << " case";
+    ASSERT_TRUE(made.tensors.count(grad_name)) << "no " << grad_name << " in a " << made.component << " case";
+    auto grad = analytic_run.tensors.find(grad_name);
+    ASSERT_NE(grad, analytic_run.tensors.end()) << grad_name << " not produced";
     const int64_t n = tensor.numel();
     const int64_t count = std::min<int64_t>(n, per_tensor);
     for (int64_t k = 0; k < count; ++k) {

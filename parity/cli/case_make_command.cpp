@@ -55,8 +55,8 @@ void register_case_make(CLI::App& group, Action& action) {
   cmd->add_option("--batch", o->make.micro_batch_size, "micro-batch size b")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--mask", o->make.attn_mask_type, "attn_mask_type")
-      ->capture_default_str()
+  cmd->add_option("--mask", o->make.attn_mask_type,
+                  "attn_mask_type (default: the module's own: padding for cross_attention, else causal)")
       ->check(CLI::IsMember({"causal", "padding", "no_mask"}));
   cmd->add_flag("--explicit-mask", o->make.explicit_mask, "pass the causal mask as inputs.attention_mask");
   cmd->add_flag("--rotary", o->make.rotary, "pass inputs.rotary_pos_emb (RoPE angles from the config)");

@@ -5,6 +5,7 @@
 // reference cannot produce are listed as skipped, never as passed. Exit 0
 // when everything compared passes, 1 when a comparison fails, 2 when a case
 // cannot be read or run (its error is printed, the other cases still run).
+// A case with nothing the reference can compare fails too: skips never pass.
 #include <algorithm>
 #include <chrono>
 #include <fstream>
@@ -86,16 +87,27 @@ CaseVerdict check_case(const std::string& file, const ref::ReferenceOptions& opt
     }
   } catch (const Error& e) {
     v.error = e.what();
+  } catch (const std::bad_alloc&) {
+    v.error = "out of memory running the reference on this case (its shapes are too large for this machine)";
+  } catch (const std::exception& e) {
+    v.error = fmt::format("internal error: {} (please report it with the case file)", e.what());
   }
   v.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return v;
+}
+
+// A case in which no tensor could be compared proves nothing: it is reported
+// as such and fails the run (skips are never passes).
+bool nothing_compared(const CaseVerdict& v) {
+  return v.error.empty() && std::none_of(v.tensors.begin(), v.tensors.end(),
+                                         [](const TensorVerdict& t) { return t.verdict != "skip"; });
 }
 
 void print_case(const CaseVerdict& v, bool verbose, bool quiet) {
   const int64_t failed = std::count_if(v.tensors.begin(), v.tensors.end(), [](const TensorVerdict& t) { return t.verdict == "fail"; });
   const int64_t passed = std::count_if(v.tensors.begin(), v.tensors.end(), [](const TensorVerdict& t) { return t.verdict == "pass"; });
   if (quiet) {
-    const char* verdict = !v.error.empty() ? "ERROR" : failed > 0 ? "FAIL " : "PASS ";
+    const char* verdict = !v.error.empty() ? "ERROR" : failed > 0 || nothing_compared(v) ? "FAIL " : "PASS ";
     std::cout << fmt::format("{} {} ({}): {} passed, {} failed, {:.3f} s\n", verdict, v.file,
                              v.component.empty() ? "unreadable" : v.component, passed, failed, v.seconds);
     if (!v.error.empty()) std::cout << fmt::format("  {}\n", v.error);
@@ -126,6 +138,7 @@ void print_case(const CaseVerdict& v, bool verbose, bool quiet) {
     }
   }
   for (const auto& note : v.notes) std::cout << "  note: " << note << "\n";
+  if (nothing_compared(v)) std::cout << "  FAIL  nothing to compare: the case holds no output or gradient the reference produces\n";
 }
 
 nlohmann::ordered_json case_json(const CaseVerdict& v) {
@@ -149,8 +162,9 @@ nlohmann::ordered_json case_json(const CaseVerdict& v) {
     }
     tensors.push_back(std::move(j));
   }
-  const bool failed = !v.error.empty() || std::any_of(v.tensors.begin(), v.tensors.end(),
-                                                      [](const TensorVerdict& t) { return t.verdict == "fail"; });
+  const bool failed = !v.error.empty() || nothing_compared(v) ||
+                      std::any_of(v.tensors.begin(), v.tensors.end(),
+                                  [](const TensorVerdict& t) { return t.verdict == "fail"; });
   return {{"file", v.file},
           {"component", v.component},
           {"passed", !failed},
@@ -164,12 +178,13 @@ int check(const CheckOptions& o) {
   ref::ReferenceOptions options;
   options.dtype = dtype_from_name(o.dtype).value();  // CLI11 checked the name
   const auto start = std::chrono::steady_clock::now();
-  int64_t passed = 0, failed = 0, skipped = 0, errors = 0;
+  int64_t passed = 0, failed = 0, skipped = 0, errors = 0, empty = 0;
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
   for (const auto& file : o.files) {
     const CaseVerdict v = check_case(file, options);
     print_case(v, o.verbose, o.quiet);
     if (!v.error.empty()) ++errors;
+    if (nothing_compared(v)) ++empty;
     for (const auto& t : v.tensors) {
       if (t.verdict == "pass") ++passed;
       if (t.verdict == "fail") ++failed;
@@ -180,19 +195,20 @@ int check(const CheckOptions& o) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (skipped > 0) std::cout << fmt::format("{} skipped (not produced by the reference)\n", skipped);
   if (errors > 0) std::cout << fmt::format("{} case(s) could not be run\n", errors);
+  if (empty > 0) std::cout << fmt::format("{} case(s) had nothing to compare\n", empty);
   std::cout << fmt::format("{} passed, {} failed\n", passed, failed);
   if (!o.json_file.empty()) {
     nlohmann::ordered_json report = {
         {"summary",
          {{"cases", o.files.size()}, {"passed", passed}, {"failed", failed}, {"skipped", skipped},
-          {"errors", errors}, {"seconds", seconds}}},
+          {"errors", errors}, {"nothing_compared", empty}, {"seconds", seconds}}},
         {"cases", cases}};
     std::ofstream out(o.json_file);
     if (!out) throw Error(fmt::format("cannot write the JSON report to '{}'", o.json_file));
     out << report.dump(2) << "\n";
   }
   if (errors > 0) return kExitBadInput;
-  return failed > 0 ? kExitCheckFailed : kExitOk;
+  return failed > 0 || empty > 0 ? kExitCheckFailed : kExitOk;
 }
 
 }  // namespace

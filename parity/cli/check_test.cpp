@@ -108,6 +108,22 @@ TEST_F(CheckCommand, TensorsTheReferenceCannotProduceAreSkipped) {
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("SKIP  outputs.intermediate.not_a_module"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("1 skipped"), std::string::npos) << r.output;
+
+  // A case in which nothing can be compared proves nothing: it fails.
+  paritron::Case empty = paritron::read_case(path("ln.safetensors"));
+  for (auto it = empty.tensors.begin(); it != empty.tensors.end();) {
+    const bool checked = it->first.rfind("outputs.", 0) == 0 || it->first.rfind("grads.", 0) == 0;
+    it = checked ? empty.tensors.erase(it) : std::next(it);
+  }
+  empty.tensors["outputs.intermediate.not_a_module"] = paritron::Tensor(paritron::DType::F64, {2});
+  paritron::write_case(path("empty.safetensors"), empty);
+  const Result e = run("check " + path("empty.safetensors") + " --json " + path("empty.json"));
+  EXPECT_EQ(e.exit_code, 1) << e.output;
+  EXPECT_NE(e.output.find("nothing to compare"), std::string::npos) << e.output;
+  std::ifstream in(path("empty.json"));
+  const auto report = nlohmann::json::parse(in);
+  EXPECT_FALSE(report["cases"][0]["passed"].get<bool>());
+  EXPECT_EQ(report["summary"]["nothing_compared"], 1);
 }
 
 TEST_F(CheckCommand, BadInputExitsTwo) {
