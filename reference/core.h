@@ -26,6 +26,7 @@
 #include <Eigen/Dense>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -36,6 +37,8 @@
 #include "common/transformer_config.h"
 
 namespace paritron::ref {
+
+class Fp8Session;  // reference/linear.h: delayed fp8 scaling across steps
 
 using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowVec = Eigen::Matrix<double, 1, Eigen::Dynamic>;
@@ -95,6 +98,10 @@ struct Precision {
   std::optional<std::string> fp8;
   int64_t fp8_margin = 0;
   bool fp8_wgrad = true;
+  // Delayed scaling across steps (amax histories, interval, most_recent/max):
+  // when set, each linear's operands are cast with the scales of earlier
+  // steps; when null, with the steady-state scale of the tensor's own amax.
+  std::shared_ptr<Fp8Session> fp8_session;
   // Round where Megatron forces float32 even in a float64 model: the router's
   // softmax(..., dtype=torch.float32) (scores, aux-loss probabilities, the
   // sinkhorn activation). The truth keeps it, as Megatron run in float64

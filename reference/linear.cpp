@@ -9,15 +9,37 @@
 
 namespace paritron::ref {
 
-Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p) {
+namespace {
+Fp8Role fp8_role(Fp8Operand role) {
+  return role == Fp8Operand::kInput ? Fp8Role::kInput : role == Fp8Operand::kWeight ? Fp8Role::kWeight : Fp8Role::kGradOutput;
+}
+}  // namespace
+
+
+Fp8Session::Fp8Session(const TransformerConfig& cfg) : state_(delayed_scaling_recipe(cfg)) {}
+
+size_t Fp8Session::slot(std::string_view linear, Fp8Operand role) {
+  const auto key = std::make_pair(std::string(linear), role);
+  auto it = slots_.find(key);
+  if (it == slots_.end()) it = slots_.emplace(key, state_.add_slot(fp8_role(role))).first;
+  return it->second;
+}
+
+Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p, std::string_view linear) {
   if (!p.fp8) return x;
   const Fp8Format format = parse_fp8_format(*p.fp8);
-  const Fp8Role fp8_role = role == Fp8Operand::kInput    ? Fp8Role::kInput
-                           : role == Fp8Operand::kWeight ? Fp8Role::kWeight
-                                                         : Fp8Role::kGradOutput;
-  const math::FloatFormat& f = fp8_float_format(format, fp8_role);
-  const float scale = scale_for_amax(tensor_amax(std::span<const double>(x.data(), x.size())), f,
-                                     static_cast<int>(p.fp8_margin));
+  const math::FloatFormat& f = fp8_float_format(format, fp8_role(role));
+  const float amax = tensor_amax(std::span<const double>(x.data(), x.size()));
+  float scale = 0;
+  if (p.fp8_session) {
+    // TE's cast records this tensor's amax and uses the scale of earlier steps.
+    DelayedScalingState& state = p.fp8_session->state();
+    const size_t slot = p.fp8_session->slot(linear, role);
+    state.record_amax(slot, amax);
+    scale = state.meta(slot).scale;
+  } else {
+    scale = scale_for_amax(amax, f, static_cast<int>(p.fp8_margin));
+  }
   const float scale_inv = 1.0f / scale;
   // cuBLASLt applies scale_inv to the fp32 accumulator, so the operand's value
   // in the GEMM is the exact q * scale_inv, not a per-element fp32 rounding of it.
@@ -35,8 +57,8 @@ Mat linear_forward(const Params& w, const Mat& x, bool add_bias, const Precision
     throw Error(fmt::format("'{}weight' is [{}, {}] but its input has {} features", w.prefix(), weight.rows(),
                             weight.cols(), x.cols()));
   }
-  Mat y = matmul(fp8_fake_quant(x, Fp8Operand::kInput, p), fp8_fake_quant(weight, Fp8Operand::kWeight, p).transpose(),
-                 p.dtype);
+  Mat y = matmul(fp8_fake_quant(x, Fp8Operand::kInput, p, w.prefix()),
+                 fp8_fake_quant(weight, Fp8Operand::kWeight, p, w.prefix()).transpose(), p.dtype);
   if (add_bias && w.has("bias")) {
     y.rowwise() += w.row("bias", weight.rows());
     round_inplace(y, p.dtype);
@@ -47,12 +69,13 @@ Mat linear_forward(const Params& w, const Mat& x, bool add_bias, const Precision
 Mat linear_backward(const Params& w, const Mat& x, const Mat& dy, bool bias_grad, const Sink& grads,
                     const Precision& p) {
   const Mat& weight = w.at("weight");
-  const Mat dy_q = fp8_fake_quant(dy, Fp8Operand::kGradOutput, p);
-  // dgrad: dx = dy W, both operands fp8 under an fp8 recipe.
-  Mat dx = matmul(dy_q, fp8_fake_quant(weight, Fp8Operand::kWeight, p), p.dtype);
+  const Mat dy_q = fp8_fake_quant(dy, Fp8Operand::kGradOutput, p, w.prefix());
+  // dgrad: dx = dy W, both operands fp8 under an fp8 recipe (the forward's casts:
+  // within a step the scales do not change, so casting again gives the same values).
+  Mat dx = matmul(dy_q, fp8_fake_quant(weight, Fp8Operand::kWeight, p, w.prefix()), p.dtype);
   // wgrad: dW = dy^T x; override_linear_precision[2] = not fp8_wgrad keeps it high precision.
   const bool wgrad_fp8 = p.fp8 && p.fp8_wgrad;
-  const Mat dw = wgrad_fp8 ? matmul(dy_q.transpose(), fp8_fake_quant(x, Fp8Operand::kInput, p), p.dtype)
+  const Mat dw = wgrad_fp8 ? matmul(dy_q.transpose(), fp8_fake_quant(x, Fp8Operand::kInput, p, w.prefix()), p.dtype)
                            : matmul(dy.transpose(), x, p.dtype);
   grads.add("weight", dw);
   if (bias_grad && w.has("bias")) grads.add("bias", rounded(dy.colwise().sum(), p.dtype));

@@ -18,6 +18,11 @@
 // Deliberately left out: TP communication (the reference never shards).
 #pragma once
 
+#include <map>
+#include <string_view>
+#include <utility>
+
+#include "common/fp8_scaling.h"
 #include "reference/core.h"
 
 namespace paritron::ref {
@@ -33,8 +38,30 @@ Mat linear_backward(const Params& w, const Mat& x, const Mat& dy, bool bias_grad
                     const Precision& p);
 
 // fp8 fake quantisation (quantise then dequantise) of a GEMM operand in the
-// given role, with the steady-state scale; identity without fp8.
+// given role; identity without fp8. Without a session: the steady-state scale
+// of x's own amax. With p.fp8_session: TE's delayed scaling, the scale of the
+// slot (linear, role), recording x's amax into its history.
 enum class Fp8Operand { kInput, kWeight, kGradOutput };
-Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p);
+Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p, std::string_view linear = "");
+
+// Transformer Engine's delayed scaling over several steps (spec §12.3): one
+// amax history and scale per (linear layer, operand), as TE keeps fp8 meta per
+// module, from the recipe Megatron builds out of the config
+// (delayed_scaling_recipe, common/fp8_scaling.h). A step's casts use the
+// scales computed at the end of earlier steps (scale 1 on the first step);
+// end_step() runs the amax/scale update every `fp8_interval` steps.
+class Fp8Session {
+ public:
+  explicit Fp8Session(const TransformerConfig& cfg);
+  // The slot of `role` of the linear whose parameters sit under `linear`
+  // ("self_attention.linear_qkv."), made on first use.
+  size_t slot(std::string_view linear, Fp8Operand role);
+  DelayedScalingState& state() { return state_; }
+  bool end_step() { return state_.end_step(); }
+
+ private:
+  DelayedScalingState state_;
+  std::map<std::pair<std::string, Fp8Operand>, size_t> slots_;
+};
 
 }  // namespace paritron::ref

@@ -253,5 +253,71 @@ TEST(LinearErrors, FeatureMismatchAndMissingOrBadWeights) {
                "'lin.weight'");
 }
 
+// Delayed scaling across steps (Fp8Session, spec §12.3), e4m3, margin 0.
+// Operand x = [[1, -1], [2, 0.5]] (amax 2), W as above (amax 6).
+//  step 1: every slot has scale 1, so x and W are cast unscaled: 0.5, 1, 2, 6
+//          are all E4M3 values, so step 1 equals the plain float64 product;
+//  step 2 (after end_step, most_recent, history 1): scale_x = 448/2 = 224,
+//          scale_W = 448/6 -- the steady-state scales of the same tensors, so
+//          the result equals the session-less (steady-state) emulation bit for bit.
+TEST(LinearFp8Session, FirstStepUsesScaleOneThenTheRecordedAmax) {
+  TransformerConfig cfg;
+  cfg.fp8 = "e4m3";
+  Precision p = fp8_precision("e4m3");
+  p.fp8_session = std::make_shared<Fp8Session>(cfg);
+  const Params w = Params(kHand).sub("lin");
+  const Mat x = mat(2, 2, {1, -1, 2, 0.5});
+  EXPECT_EQ(linear_forward(w, x, false, p), mat(2, 3, {-1, -1, -1, 3, 8, 13}));
+  const size_t x_slot = p.fp8_session->slot("lin.", Fp8Operand::kInput);
+  const size_t w_slot = p.fp8_session->slot("lin.", Fp8Operand::kWeight);
+  EXPECT_EQ(p.fp8_session->state().meta(x_slot).amax_history[0], 2.0f);
+  EXPECT_EQ(p.fp8_session->state().meta(w_slot).amax_history[0], 6.0f);
+  EXPECT_TRUE(p.fp8_session->end_step());
+  EXPECT_EQ(p.fp8_session->state().meta(x_slot).scale, 224.0f);
+  EXPECT_EQ(p.fp8_session->state().meta(w_slot).scale, 448.0f / 6.0f);
+  EXPECT_EQ(linear_forward(w, x, false, p), linear_forward(w, x, false, fp8_precision("e4m3")));
+}
+
+// The scale a step uses comes from earlier steps only: step 1 records amax 2,
+// so step 2 casts [200, 1] with scale 448/2 = 224: 200 * 224 = 44800
+// saturates to 448 (finite saturation) and dequantises to 448 * scale_inv ~ 2,
+// while 1 * 224 = 224 = 1.75 * 2^7 is an E4M3 value and comes back as
+// 224 * scale_inv ~ 1 (scale_inv = float(1/224), not exact: 224 = 7 * 2^5).
+// The delayed scale lags, which the steady-state emulation cannot show.
+TEST(LinearFp8Session, ScalesLagOneStepAndSaturate) {
+  TransformerConfig cfg;
+  cfg.fp8 = "e4m3";
+  Precision p = fp8_precision("e4m3");
+  p.fp8_session = std::make_shared<Fp8Session>(cfg);
+  const Mat x = mat(1, 2, {2, 0.5});
+  p.fp8_session->slot("lin.", Fp8Operand::kInput);
+  fp8_fake_quant(x, Fp8Operand::kInput, p, "lin.");
+  p.fp8_session->end_step();
+  const Mat big = fp8_fake_quant(mat(1, 2, {200, 1}), Fp8Operand::kInput, p, "lin.");
+  const double scale_inv = static_cast<double>(1.0f / 224.0f);
+  EXPECT_EQ(big(0, 0), 448 * scale_inv);
+  EXPECT_EQ(big(0, 1), 224 * scale_inv);
+  EXPECT_NEAR(big(0, 0), 2.0, 1e-7);
+}
+
+// fp8_interval = 2: the scale is updated after every second step only; the
+// "max" algorithm over a history of 2 takes the larger of the two amaxes.
+TEST(LinearFp8Session, IntervalAndMaxHistory) {
+  TransformerConfig cfg;
+  cfg.fp8 = "e4m3";
+  cfg.fp8_interval = 2;
+  cfg.fp8_amax_history_len = 2;
+  cfg.fp8_amax_compute_algo = "max";
+  Precision p = fp8_precision("e4m3");
+  p.fp8_session = std::make_shared<Fp8Session>(cfg);
+  const size_t slot = p.fp8_session->slot("lin.", Fp8Operand::kInput);
+  fp8_fake_quant(mat(1, 1, {4}), Fp8Operand::kInput, p, "lin.");
+  EXPECT_FALSE(p.fp8_session->end_step());
+  EXPECT_EQ(p.fp8_session->state().meta(slot).scale, 1.0f);
+  fp8_fake_quant(mat(1, 1, {2}), Fp8Operand::kInput, p, "lin.");
+  EXPECT_TRUE(p.fp8_session->end_step());
+  EXPECT_EQ(p.fp8_session->state().meta(slot).scale, 448.0f / 4.0f);
+}
+
 }  // namespace
 }  // namespace paritron::ref

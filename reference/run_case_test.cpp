@@ -256,6 +256,33 @@ TEST(RunCase, BadInputIsAClearError) {
   EXPECT_THROW(run_reference(wrong), Error);
   MakeCaseOptions bad = options("moe_layer", kGpt);
   EXPECT_THROW(make_case(bad), Error);  // no experts in the config
+
+  // Weights are checked against the parameter catalogue: a key the component
+  // does not have, a bias the config leaves out, a width the config does not
+  // give, and a weight of the wrong rank are errors, never silently ignored.
+  auto error_of = [](const Case& broken) {
+    try {
+      run_reference(broken);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  Case unknown = make_case(options("mlp", kGpt));
+  unknown.tensors["weights.linear_fc1.layer_norm_weight"] = Tensor(DType::F64, {8});
+  EXPECT_NE(error_of(unknown).find("weights.linear_fc1.layer_norm_weight is not a parameter of mlp"), std::string::npos)
+      << error_of(unknown);
+  Case stray_bias = make_case(options("mlp", kLlama));  // add_bias_linear false
+  stray_bias.tensors["weights.linear_fc2.bias"] = Tensor(DType::F64, {8});
+  EXPECT_NE(error_of(stray_bias).find("weights.linear_fc2.bias is not a parameter"), std::string::npos);
+  Case narrow = make_case(options("mlp", kGpt));  // ffn_hidden_size 12
+  narrow.tensors["weights.linear_fc1.weight"] = Tensor(DType::F64, {10, 8});
+  EXPECT_NE(error_of(narrow).find("weights.linear_fc1.weight has shape [10, 8], the config gives [12, 8]"),
+            std::string::npos)
+      << error_of(narrow);
+  Case rank = make_case(options("layernorm", kGpt));
+  rank.tensors["weights.bias"] = Tensor(DType::F64, {1, 8});
+  EXPECT_NE(error_of(rank).find("weights.bias has shape [1, 8], the config gives [8]"), std::string::npos);
 }
 
 }  // namespace
