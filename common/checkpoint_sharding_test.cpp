@@ -16,13 +16,15 @@
 
 #include "common/module_params.h"
 #include "common/parallel_config.h"
+#include "common/test_util.h"
 #include "common/transformer_config.h"
 
 namespace paritron {
 namespace {
 
+using namespace test_util;  // gqa_config(layers): h 8, n 4, g 2 (GQA), hn 2, f 12; keys_of
+
 using Ints = std::vector<int64_t>;
-using Keys = std::vector<std::string>;
 
 bool message_has(const std::function<void()>& f, const std::string& words) {
   try {
@@ -53,24 +55,6 @@ std::vector<const ShardedTensor*> with_key(const std::vector<ShardedTensor>& ts,
     if (t.key == key) out.push_back(&t);
   }
   return out;
-}
-
-Keys keys_of(const std::vector<ShardedTensor>& ts) {
-  Keys out;
-  for (const ShardedTensor& t : ts) out.push_back(t.key);
-  return out;
-}
-
-// h 8, n 4, g 2 (GQA), hn 2, f 12.
-TransformerConfig gqa_config(int64_t layers = 2) {
-  TransformerConfig c;
-  c.num_layers = layers;
-  c.hidden_size = 8;
-  c.num_attention_heads = 4;
-  c.num_query_groups = 2;
-  c.ffn_hidden_size = 12;
-  validate_config(c);
-  return c;
 }
 
 ParallelConfig layout(const std::string& name) { return ParallelConfig::parse_layout(name); }

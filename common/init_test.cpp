@@ -12,27 +12,17 @@
 
 #include "common/parallel_config.h"
 #include "common/rng.h"
+#include "common/test_util.h"
 #include "common/transformer_config.h"
 
 namespace paritron {
 namespace {
 
-TransformerConfig config() {
-  TransformerConfig c;
-  c.num_layers = 8;
-  c.hidden_size = 16;
-  c.num_attention_heads = 4;
-  c.num_query_groups = 2;
-  c.ffn_hidden_size = 24;
-  c.init_method_std = 0.05;
-  validate_config(c);
-  return c;
-}
+using namespace test_util;
 
-const ParamSpec& find(const std::vector<ParamSpec>& ps, const std::string& key) {
-  const auto it = std::find_if(ps.begin(), ps.end(), [&](const ParamSpec& p) { return p.key == key; });
-  if (it == ps.end()) throw std::runtime_error("no parameter " + key);
-  return *it;
+// h 16, n 4, g 2 (GQA), hn 4, f 24, eight layers, init std 0.05.
+TransformerConfig config() {
+  return gqa_config(8, 16, 24, [](TransformerConfig& c) { c.init_method_std = 0.05; });
 }
 
 double sample_std(const Tensor& t) {

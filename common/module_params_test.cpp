@@ -10,36 +10,13 @@
 #include <rapidcheck/gtest.h>
 
 #include "common/parallel_config.h"
+#include "common/test_util.h"
 #include "common/transformer_config.h"
 
 namespace paritron {
 namespace {
 
-// h 8, n 4, g 2 (GQA, r = 2), hn 2, f 12, two layers.
-TransformerConfig gqa_config() {
-  TransformerConfig c;
-  c.num_layers = 2;
-  c.hidden_size = 8;
-  c.num_attention_heads = 4;
-  c.num_query_groups = 2;
-  c.ffn_hidden_size = 12;
-  validate_config(c);
-  return c;
-}
-
-std::vector<std::string> keys_of(const std::vector<ParamSpec>& ps) {
-  std::vector<std::string> out;
-  for (const ParamSpec& p : ps) out.push_back(p.key);
-  return out;
-}
-
-const ParamSpec& find(const std::vector<ParamSpec>& ps, const std::string& key) {
-  const auto it = std::find_if(ps.begin(), ps.end(), [&](const ParamSpec& p) { return p.key == key; });
-  if (it == ps.end()) throw std::runtime_error("no parameter " + key);
-  return *it;
-}
-
-using Keys = std::vector<std::string>;
+using namespace test_util;  // gqa_config(): h 8, n 4, g 2 (GQA, r = 2), hn 2, f 12, two layers
 
 // Attention.__init__ registers linear_proj before SelfAttention registers
 // linear_qkv, so the state dict lists linear_proj first.

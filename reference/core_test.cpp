@@ -19,26 +19,12 @@
 #include "common/error.h"
 #include "common/math/random.h"
 #include "common/rng.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-Mat mat(int64_t rows, int64_t cols, std::initializer_list<double> v) {
-  Mat m(rows, cols);
-  Eigen::Index i = 0;
-  for (double d : v) m.data()[i++] = d;
-  return m;
-}
-
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using namespace test_util;
 
 const double kInf = std::numeric_limits<double>::infinity();
 

@@ -15,49 +15,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-Mat rows(std::initializer_list<std::initializer_list<double>> r) {
-  Mat m(static_cast<Eigen::Index>(r.size()), static_cast<Eigen::Index>(r.begin()->size()));
-  Eigen::Index i = 0;
-  for (const auto& row : r) {
-    Eigen::Index j = 0;
-    for (double v : row) m(i, j++) = v;
-    ++i;
-  }
-  return m;
-}
-
-Mat columns(const Mat& m, const std::vector<int64_t>& cols) {
-  Mat out(m.rows(), static_cast<Eigen::Index>(cols.size()));
-  for (size_t c = 0; c < cols.size(); ++c) out.col(static_cast<Eigen::Index>(c)) = m.col(cols[c]);
-  return out;
-}
-
-TransformerConfig config(int64_t n, int64_t hn, int64_t h, bool bias_linear = true) {
-  TransformerConfig c;
-  c.num_layers = 2;
-  c.hidden_size = h;
-  c.num_attention_heads = n;
-  c.num_query_groups = n;
-  c.kv_channels = hn;
-  c.attention_dropout = 0.0;
-  c.hidden_dropout = 0.0;
-  c.add_bias_linear = bias_linear;
-  return c;
-}
+using namespace test_util;
 
 MatMap weights(const TransformerConfig& c, uint64_t seed) {
   const int64_t proj = c.num_attention_heads * *c.kv_channels, h = c.hidden_size;
@@ -79,7 +42,7 @@ const Precision kTruth = truth_precision();
 // are k0, v0, k1, v1, so key = columns {0, 2}, value = {1, 3} ([all K | all V]
 // would give key {0, 1}). linear_q = the first two rows of I: query = x[:, 0:2].
 TEST(CrossAttention, KvLayoutIsPerHeadKeyThenValue) {
-  const TransformerConfig cfg = config(2, 1, 4, /*bias_linear=*/false);
+  const TransformerConfig cfg = attention_config(2, 2, 1, 4, /*bias_linear=*/false);
   MatMap w = weights(cfg, 1);
   w["linear_kv.weight"] = Mat::Identity(4, 4);
   w["linear_q.weight"] = Mat::Identity(2, 4);
@@ -106,26 +69,26 @@ TEST(CrossAttention, KvLayoutIsPerHeadKeyThenValue) {
 // x = (sqrt(2) ln 3, 0), c0 = (0, 0), c1 = (1, 0): scores (0, ln 3) -> (1/4, 3/4);
 // v0 = (1, -1), v1 = (2, -1): context = (1/4 + 6/4, -1) = (1.75, -1) = output.
 TEST(CrossAttention, OneQueryTwoKeysByHand) {
-  const TransformerConfig cfg = config(1, 2, 2);
+  const TransformerConfig cfg = attention_config(1, 1, 2, 2);
   MatMap w;
   w["linear_q.weight"] = Mat::Identity(2, 2);
   w["linear_q.bias"] = Mat::Zero(1, 2);
-  w["linear_kv.weight"] = rows({{1, 0}, {0, 1}, {1, 0}, {0, 1}});
-  w["linear_kv.bias"] = rows({{0, 0, 1, -1}});
+  w["linear_kv.weight"] = rows_of({{1, 0}, {0, 1}, {1, 0}, {0, 1}});
+  w["linear_kv.bias"] = rows_of({{0, 0, 1, -1}});
   w["linear_proj.weight"] = Mat::Identity(2, 2);
-  w["linear_proj.bias"] = rows({{0.5, -0.5}});
-  const Mat x = rows({{std::sqrt(2.0) * std::log(3.0), 0}});
-  const Mat c = rows({{0, 0}, {1, 0}});
+  w["linear_proj.bias"] = rows_of({{0.5, -0.5}});
+  const Mat x = rows_of({{std::sqrt(2.0) * std::log(3.0), 0}});
+  const Mat c = rows_of({{0, 0}, {1, 0}});
   const auto f = cross_attention_forward(cfg, Params(w), x, c, 1, AttnMaskType::padding, std::nullopt, kTruth, {});
-  EXPECT_LE((f.output - rows({{1.75, -1}})).cwiseAbs().maxCoeff(), 1e-15) << f.output;
-  EXPECT_LE((f.core.probs - rows({{0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
+  EXPECT_LE((f.output - rows_of({{1.75, -1}})).cwiseAbs().maxCoeff(), 1e-15) << f.output;
+  EXPECT_LE((f.core.probs - rows_of({{0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
   ASSERT_TRUE(f.output_bias.has_value());
-  EXPECT_EQ(*f.output_bias, rows({{0.5, -0.5}}));
+  EXPECT_EQ(*f.output_bias, rows_of({{0.5, -0.5}}));
   // Masking key 1 leaves key 0 only: context = v0 = (1, -1).
   AttentionMask m(1, 1, 1, 2);
   m.set(0, 0, 0, 1, true);
   const auto g = cross_attention_forward(cfg, Params(w), x, c, 1, AttnMaskType::padding, m, kTruth, {});
-  EXPECT_EQ(g.output, rows({{1, -1}}));
+  EXPECT_EQ(g.output, rows_of({{1, -1}}));
 }
 
 // ---------------------------------------------------------------------------
@@ -165,11 +128,11 @@ void check_gradients(const TransformerConfig& cfg, int64_t b, int64_t sq, int64_
 
 TEST(CrossAttentionGrad, PaddingMaskWithFullyMaskedRow) {
   const std::vector<int64_t> q = {3, 2}, kv = {5, 2};  // batch 1: query 2 fully masked
-  check_gradients(config(2, 3, 4), 2, 3, 5, padding_mask(q, kv, 3, 5), false, 1);
+  check_gradients(attention_config(2, 2, 3, 4), 2, 3, 5, padding_mask(q, kv, 3, 5), false, 1);
 }
 
 TEST(CrossAttentionGrad, NoBiasWithDropout) {
-  TransformerConfig cfg = config(3, 2, 5, /*bias_linear=*/false);
+  TransformerConfig cfg = attention_config(3, 3, 2, 5, /*bias_linear=*/false);
   cfg.attention_dropout = 0.2;
   check_gradients(cfg, 1, 4, 2, std::nullopt, true, 2);
 }
@@ -183,7 +146,7 @@ RC_GTEST_PROP(CrossAttentionProperty, InvariantUnderKeyValuePermutation, ()) {
   const int64_t b = *rc::gen::inRange<int64_t>(1, 3), sq = *rc::gen::inRange<int64_t>(1, 4);
   const int64_t sk = *rc::gen::inRange<int64_t>(1, 6);
   const uint64_t seed = *rc::gen::arbitrary<uint64_t>();
-  const TransformerConfig cfg = config(2, 2, 3);
+  const TransformerConfig cfg = attention_config(2, 2, 2, 3);
   const MatMap w = weights(cfg, seed);
   std::vector<int64_t> perm(static_cast<size_t>(sk));
   std::iota(perm.begin(), perm.end(), 0);
@@ -209,7 +172,7 @@ RC_GTEST_PROP(CrossAttentionProperty, InvariantUnderKeyValuePermutation, ()) {
 
 TEST(CrossAttentionPrecision, Bf16AndFp16AgainstTruth) {
   for (DType dtype : {DType::BF16, DType::F16}) {
-    TransformerConfig cfg = config(2, 4, 8);
+    TransformerConfig cfg = attention_config(2, 2, 4, 8);
     (dtype == DType::BF16 ? cfg.bf16 : cfg.fp16) = true;
     MatMap w = weights(cfg, 3);
     for (auto& [k, v] : w) v = rounded(v, dtype);
@@ -243,7 +206,7 @@ TEST(CrossAttentionPrecision, Bf16AndFp16AgainstTruth) {
 // Errors.
 
 TEST(CrossAttention, BadInputErrors) {
-  const TransformerConfig cfg = config(2, 2, 3);
+  const TransformerConfig cfg = attention_config(2, 2, 2, 3);
   const MatMap w = weights(cfg, 4);
   const Mat x = random_normal(4, 3, 4, "x"), c = random_normal(6, 3, 4, "c");
   auto run = [&](const TransformerConfig& cc, const MatMap& ww, const Mat& xx, const Mat& kv, AttnMaskType type,

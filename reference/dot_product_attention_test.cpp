@@ -17,40 +17,16 @@
 #include "common/math/random.h"
 #include "common/rng.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-Mat rows(std::initializer_list<std::initializer_list<double>> r) {
-  Mat m(static_cast<Eigen::Index>(r.size()), static_cast<Eigen::Index>(r.begin()->size()));
-  Eigen::Index i = 0;
-  for (const auto& row : r) {
-    Eigen::Index j = 0;
-    for (double v : row) m(i, j++) = v;
-    ++i;
-  }
-  return m;
-}
+using namespace test_util;
 
 TransformerConfig config(int64_t np, int64_t ng, int64_t hn) {
-  TransformerConfig c;
+  TransformerConfig c = attention_config(np, ng, hn, np * hn);
   c.num_layers = 4;
-  c.hidden_size = np * hn;
-  c.num_attention_heads = np;
-  c.num_query_groups = ng;
-  c.kv_channels = hn;
-  c.attention_dropout = 0.0;
-  c.hidden_dropout = 0.0;
   // Not validate_config: its Paritron rule that int(kv_channels *
   // rotary_percent) be even (RoPE) would forbid the odd head widths the core
   // attention supports; every field it would derive is set here.
@@ -70,20 +46,20 @@ const double kLn3 = std::log(3.0);
 // query 0 sees key 0 only: context_0 = v0.
 TEST(DotProductAttention, TwoTokensByHand) {
   const TransformerConfig cfg = config(1, 1, 4);
-  const Mat q = rows({{1, 1, 1, 1}, {0, 2 * kLn3, 0, 0}});
-  const Mat k = rows({{1, 0, 0, 0}, {0, 1, 0, 0}});
-  const Mat v = rows({{1, 2, 3, 4}, {5, 6, 7, 8}});
+  const Mat q = rows_of({{1, 1, 1, 1}, {0, 2 * kLn3, 0, 0}});
+  const Mat k = rows_of({{1, 0, 0, 0}, {0, 1, 0, 0}});
+  const Mat v = rows_of({{1, 2, 3, 4}, {5, 6, 7, 8}});
   const auto f = dot_product_attention_forward(cfg, q, k, v, 1, AttnMaskType::causal, std::nullopt, kTruth, {});
-  const Mat expected = rows({{1, 2, 3, 4}, {4, 5, 6, 7}});
+  const Mat expected = rows_of({{1, 2, 3, 4}, {4, 5, 6, 7}});
   EXPECT_LE((f.output - expected).cwiseAbs().maxCoeff(), 1e-14) << f.output;
-  EXPECT_LE((f.probs - rows({{1, 0}, {0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
+  EXPECT_LE((f.probs - rows_of({{1, 0}, {0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
   EXPECT_EQ(f.scale.alpha, 0.5);
   EXPECT_FALSE(f.scale.coeff.has_value());
   // Padding type with no mask: nothing masked. q0 = 0 scores (0, 0) -> the
   // mean of v0, v1 = (3, 4, 5, 6).
-  const Mat q0 = rows({{0, 0, 0, 0}, {0, 2 * kLn3, 0, 0}});
+  const Mat q0 = rows_of({{0, 0, 0, 0}, {0, 2 * kLn3, 0, 0}});
   const auto g = dot_product_attention_forward(cfg, q0, k, v, 1, AttnMaskType::padding, std::nullopt, kTruth, {});
-  EXPECT_LE((g.output - rows({{3, 4, 5, 6}, {4, 5, 6, 7}})).cwiseAbs().maxCoeff(), 1e-14);
+  EXPECT_LE((g.output - rows_of({{3, 4, 5, 6}, {4, 5, 6, 7}})).cwiseAbs().maxCoeff(), 1e-14);
 }
 
 // b = 2: rows are (s, b) row-major, token t = i_s * b + i_b. Batch 1 has the
@@ -91,11 +67,11 @@ TEST(DotProductAttention, TwoTokensByHand) {
 // (2, 3, 4, 5) for query 1.
 TEST(DotProductAttention, SequenceFirstBatchLayout) {
   const TransformerConfig cfg = config(1, 1, 4);
-  const Mat q = rows({{1, 1, 1, 1}, {1, 1, 1, 1}, {0, 2 * kLn3, 0, 0}, {0, 2 * kLn3, 0, 0}});
-  const Mat k = rows({{1, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0}, {0, 1, 0, 0}});
-  const Mat v = rows({{1, 2, 3, 4}, {5, 6, 7, 8}, {5, 6, 7, 8}, {1, 2, 3, 4}});
+  const Mat q = rows_of({{1, 1, 1, 1}, {1, 1, 1, 1}, {0, 2 * kLn3, 0, 0}, {0, 2 * kLn3, 0, 0}});
+  const Mat k = rows_of({{1, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0}, {0, 1, 0, 0}});
+  const Mat v = rows_of({{1, 2, 3, 4}, {5, 6, 7, 8}, {5, 6, 7, 8}, {1, 2, 3, 4}});
   const auto f = dot_product_attention_forward(cfg, q, k, v, 2, AttnMaskType::causal, std::nullopt, kTruth, {});
-  const Mat expected = rows({{1, 2, 3, 4}, {5, 6, 7, 8}, {4, 5, 6, 7}, {2, 3, 4, 5}});
+  const Mat expected = rows_of({{1, 2, 3, 4}, {5, 6, 7, 8}, {4, 5, 6, 7}, {2, 3, 4, 5}});
   EXPECT_LE((f.output - expected).cwiseAbs().maxCoeff(), 1e-14) << f.output;
 }
 
@@ -112,7 +88,7 @@ TEST(DotProductAttention, GqaHeadToGroupIsBlockwise) {
   v << Mat::Constant(s, 2, 1.0), Mat::Constant(s, 2, 2.0);
   const auto f = dot_product_attention_forward(cfg, q, k, v, 1, AttnMaskType::no_mask, std::nullopt, kTruth, {});
   for (int64_t i = 0; i < s; ++i) {
-    EXPECT_LE((f.output.row(i) - rows({{1, 1, 1, 1, 2, 2, 2, 2}})).cwiseAbs().maxCoeff(), 1e-15) << f.output;
+    EXPECT_LE((f.output.row(i) - rows_of({{1, 1, 1, 1, 2, 2, 2, 2}})).cwiseAbs().maxCoeff(), 1e-15) << f.output;
   }
 }
 
@@ -138,11 +114,11 @@ TEST(DotProductAttention, ScaleRules) {
   // same scores (0, ln 3) and so the same context (4, 5, 6, 7).
   TransformerConfig one = config(1, 1, 4);
   one.softmax_scale = 1.0;
-  const Mat q = rows({{1, 1, 1, 1}, {0, kLn3, 0, 0}});
-  const Mat k = rows({{1, 0, 0, 0}, {0, 1, 0, 0}});
-  const Mat v = rows({{1, 2, 3, 4}, {5, 6, 7, 8}});
+  const Mat q = rows_of({{1, 1, 1, 1}, {0, kLn3, 0, 0}});
+  const Mat k = rows_of({{1, 0, 0, 0}, {0, 1, 0, 0}});
+  const Mat v = rows_of({{1, 2, 3, 4}, {5, 6, 7, 8}});
   const auto f = dot_product_attention_forward(one, q, k, v, 1, AttnMaskType::causal, std::nullopt, kTruth, {});
-  EXPECT_LE((f.output.row(1) - rows({{4, 5, 6, 7}})).cwiseAbs().maxCoeff(), 1e-14);
+  EXPECT_LE((f.output.row(1) - rows_of({{4, 5, 6, 7}})).cwiseAbs().maxCoeff(), 1e-14);
 }
 
 TEST(DotProductAttention, LayerScalingEqualsNoScalingInFloat64) {

@@ -14,30 +14,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-Mat rows(std::initializer_list<std::initializer_list<double>> r) {
-  Mat m(static_cast<Eigen::Index>(r.size()), static_cast<Eigen::Index>(r.begin()->size()));
-  Eigen::Index i = 0;
-  for (const auto& row : r) {
-    Eigen::Index j = 0;
-    for (double v : row) m(i, j++) = v;
-    ++i;
-  }
-  return m;
-}
+using namespace test_util;
 
 Precision emulated(DType dtype, DType softmax) {
   Precision p;
@@ -58,7 +40,7 @@ SoftmaxForward run(const Mat& x, AttnMaskType type, const std::optional<Attentio
 
 // exp(0) : exp(ln 2) : exp(ln 3) = 1 : 2 : 3, so the probabilities are 1/6, 2/6, 3/6.
 TEST(FusedSoftmax, ClosedFormRow) {
-  const SoftmaxForward f = run(rows({{0.0, kLn2, kLn3}}), AttnMaskType::no_mask, std::nullopt);
+  const SoftmaxForward f = run(rows_of({{0.0, kLn2, kLn3}}), AttnMaskType::no_mask, std::nullopt);
   EXPECT_NEAR(f.probs(0, 0), 1.0 / 6, 1e-15);
   EXPECT_NEAR(f.probs(0, 1), 2.0 / 6, 1e-15);
   EXPECT_NEAR(f.probs(0, 2), 3.0 / 6, 1e-15);
@@ -69,7 +51,7 @@ TEST(FusedSoftmax, ClosedFormRow) {
 TEST(FusedSoftmax, CausalMaskBuiltWhenNoMaskIsPassed) {
   // Row 0 sees only key 0 (exp(-10000.3 - 0.3) underflows to exactly 0 in
   // double); row 1 softmax(0, ln 3) = (1/4, 3/4).
-  const SoftmaxForward f = run(rows({{0.3, 0.7}, {0.0, kLn3}}), AttnMaskType::causal, std::nullopt);
+  const SoftmaxForward f = run(rows_of({{0.3, 0.7}, {0.0, kLn3}}), AttnMaskType::causal, std::nullopt);
   EXPECT_EQ(f.probs(0, 0), 1.0);
   EXPECT_EQ(f.probs(0, 1), 0.0);
   EXPECT_NEAR(f.probs(1, 0), 0.25, 1e-15);
@@ -81,7 +63,7 @@ TEST(FusedSoftmax, CausalMaskBuiltWhenNoMaskIsPassed) {
 TEST(FusedSoftmax, PassedMaskIsUsedAsIsEvenForCausal) {
   // An all-false mask with the causal type: no triangle is added (spec §14 #7),
   // so row 0 is softmax(0.3, 0.7) = (1, e^0.4) / (1 + e^0.4).
-  const SoftmaxForward f = run(rows({{0.3, 0.7}, {0.0, kLn3}}), AttnMaskType::causal, AttentionMask(1, 1, 2, 2));
+  const SoftmaxForward f = run(rows_of({{0.3, 0.7}, {0.0, kLn3}}), AttnMaskType::causal, AttentionMask(1, 1, 2, 2));
   const double e = std::exp(0.4);
   EXPECT_NEAR(f.probs(0, 0), 1 / (1 + e), 1e-15);
   EXPECT_NEAR(f.probs(0, 1), e / (1 + e), 1e-15);
@@ -90,7 +72,7 @@ TEST(FusedSoftmax, PassedMaskIsUsedAsIsEvenForCausal) {
 
 TEST(FusedSoftmax, SingleQueryCausalHasNoMask) {
   // sq = 1 (decode step): the mask stays None, every key counts.
-  const SoftmaxForward f = run(rows({{0.0, kLn2, kLn3}}), AttnMaskType::causal, std::nullopt);
+  const SoftmaxForward f = run(rows_of({{0.0, kLn2, kLn3}}), AttnMaskType::causal, std::nullopt);
   EXPECT_FALSE(f.mask.has_value());
   EXPECT_NEAR(f.probs(0, 2), 0.5, 1e-15);
 }
@@ -98,7 +80,7 @@ TEST(FusedSoftmax, SingleQueryCausalHasNoMask) {
 TEST(FusedSoftmax, FullyMaskedRowIsUniform) {
   AttentionMask m(1, 1, 2, 3);
   for (int64_t j = 0; j < 3; ++j) m.set(0, 0, 1, j, true);
-  const SoftmaxForward f = run(rows({{0.0, kLn2, kLn3}, {5.0, -3.0, 100.0}}), AttnMaskType::padding, m);
+  const SoftmaxForward f = run(rows_of({{0.0, kLn2, kLn3}, {5.0, -3.0, 100.0}}), AttnMaskType::padding, m);
   for (int64_t j = 0; j < 3; ++j) EXPECT_EQ(f.probs(1, j), 1.0 / 3);  // every entry -10000: exp(0)/3
   EXPECT_NEAR(f.probs(0, 0), 1.0 / 6, 1e-15);
 }
@@ -110,11 +92,11 @@ TEST(FusedSoftmax, FillIsMinus10000AppliedAfterScaling) {
   // would get 0.
   AttentionMask m(1, 1, 1, 2);
   m.set(0, 0, 0, 1, true);
-  const SoftmaxForward f = run(rows({{-5000.0, 7.0}}), AttnMaskType::padding, m, 2.0);
+  const SoftmaxForward f = run(rows_of({{-5000.0, 7.0}}), AttnMaskType::padding, m, 2.0);
   EXPECT_EQ(f.probs(0, 0), 0.5);
   EXPECT_EQ(f.probs(0, 1), 0.5);
   // Scale multiplies unmasked scores: 2 * (0, ln 3 / 2) = (0, ln 3) -> (1/4, 3/4).
-  const SoftmaxForward g = run(rows({{0.0, kLn3 / 2}}), AttnMaskType::padding, std::nullopt, 2.0);
+  const SoftmaxForward g = run(rows_of({{0.0, kLn3 / 2}}), AttnMaskType::padding, std::nullopt, 2.0);
   EXPECT_NEAR(g.probs(0, 1), 0.75, 1e-15);
 }
 
@@ -123,11 +105,11 @@ TEST(FusedSoftmax, FillIsRoundedToTheSoftmaxDtype) {
   // -9984 (bf16 spacing 64 at 2^13), equal to the unmasked -9984 -> (1/2, 1/2).
   AttentionMask m(1, 1, 1, 2);
   m.set(0, 0, 0, 1, true);
-  const SoftmaxForward bf = run(rows({{-9984.0, 0.0}}), AttnMaskType::padding, m, std::nullopt, std::nullopt,
+  const SoftmaxForward bf = run(rows_of({{-9984.0, 0.0}}), AttnMaskType::padding, m, std::nullopt, std::nullopt,
                                 emulated(DType::BF16, DType::BF16));
   EXPECT_EQ(bf.probs(0, 0), 0.5);
   // In fp32 the fill stays -10000: exp(-16) / (1 + exp(-16)) for the masked key.
-  const SoftmaxForward f32 = run(rows({{-9984.0, 0.0}}), AttnMaskType::padding, m, std::nullopt, std::nullopt,
+  const SoftmaxForward f32 = run(rows_of({{-9984.0, 0.0}}), AttnMaskType::padding, m, std::nullopt, std::nullopt,
                                  emulated(DType::BF16, DType::F32));
   EXPECT_EQ(f32.probs(0, 0), round_to(1 / (1 + std::exp(-16.0)), DType::BF16));
 }
@@ -136,19 +118,19 @@ TEST(FusedSoftmax, SlidingWindow) {
   const Mat zeros = Mat::Zero(3, 3);
   // (1, 0), no mask type: row i averages keys i-1, i.
   const SoftmaxForward a = run(zeros, AttnMaskType::no_mask, std::nullopt, std::nullopt, std::array<int64_t, 2>{1, 0});
-  EXPECT_EQ(a.probs, rows({{1, 0, 0}, {0.5, 0.5, 0}, {0, 0.5, 0.5}}));
+  EXPECT_EQ(a.probs, rows_of({{1, 0, 0}, {0.5, 0.5, 0}, {0, 0.5, 0.5}}));
   // The causal type forces right = 0 (TE check_set_window_size): (1, 1) acts as (1, 0).
   const SoftmaxForward c = run(zeros, AttnMaskType::causal, std::nullopt, std::nullopt, std::array<int64_t, 2>{1, 1});
   EXPECT_EQ(c.probs, a.probs);
   // (0, 1) with the padding type: keys i, i+1.
   const SoftmaxForward p = run(zeros, AttnMaskType::padding, std::nullopt, std::nullopt, std::array<int64_t, 2>{0, 1});
-  EXPECT_EQ(p.probs, rows({{0.5, 0.5, 0}, {0, 0.5, 0.5}, {0, 0, 1}}));
+  EXPECT_EQ(p.probs, rows_of({{0.5, 0.5, 0}, {0, 0.5, 0.5}, {0, 0, 1}}));
   // A passed mask is ORed with the window: masking key 2 everywhere leaves
   // row 0 keys {0, 1}, row 1 key {1}, and row 2 nothing (fully masked: uniform).
   AttentionMask k(1, 1, 1, 3);
   k.set(0, 0, 0, 2, true);
   const SoftmaxForward o = run(zeros, AttnMaskType::padding, k, std::nullopt, std::array<int64_t, 2>{0, 1});
-  EXPECT_EQ(o.probs, rows({{0.5, 0.5, 0}, {0, 1, 0}, {1.0 / 3, 1.0 / 3, 1.0 / 3}}));
+  EXPECT_EQ(o.probs, rows_of({{0.5, 0.5, 0}, {0, 1, 0}, {1.0 / 3, 1.0 / 3, 1.0 / 3}}));
   // (-1, -1) is no window at all.
   const SoftmaxForward n = run(zeros, AttnMaskType::no_mask, std::nullopt, std::nullopt,
                                std::array<int64_t, 2>{-1, -1});

@@ -10,20 +10,12 @@
 #include <vector>
 
 #include "common/error.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-// Runs f, expects paritron::Error whose message contains `needle`.
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using namespace test_util;
 
 // The [sq, sk] slice (b, head) of a mask as 0/1 rows, for literal comparison.
 std::vector<std::vector<int>> slice(const AttentionMask& m, int64_t b = 0, int64_t head = 0) {

@@ -15,16 +15,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-Mat mat(int64_t rows, int64_t cols, std::initializer_list<double> v) {
-  Mat m(rows, cols);
-  Eigen::Index i = 0;
-  for (double d : v) m.data()[i++] = d;
-  return m;
-}
+using namespace test_util;
 
 TransformerConfig mlp_config(const std::string& activation, bool gated, bool bias = true, bool fused = false) {
   TransformerConfig cfg;
@@ -33,15 +29,6 @@ TransformerConfig mlp_config(const std::string& activation, bool gated, bool bia
   cfg.add_bias_linear = bias;
   cfg.bias_activation_fusion = fused;
   return cfg;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 constexpr double kSigmoid1 = 0.7310585786300049;  // 1 / (1 + e^-1)

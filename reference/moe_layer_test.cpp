@@ -15,9 +15,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
+
+using namespace test_util;
 
 const double kLn3 = std::log(3.0);
 
@@ -81,26 +84,6 @@ MatMap grouped_from_sequential(const LayerSpec& s, const MatMap& seq) {
   return MatMap{{"mlp.router.weight", seq.at("mlp.router.weight")},
                 {"mlp.experts.weight1", w1},
                 {"mlp.experts.weight2", w2}};
-}
-
-Mat rows_of(std::initializer_list<std::initializer_list<double>> rows) {
-  Mat m(static_cast<Eigen::Index>(rows.size()), static_cast<Eigen::Index>(rows.begin()->size()));
-  Eigen::Index r = 0;
-  for (const auto& row : rows) {
-    Eigen::Index c = 0;
-    for (double v : row) m(r, c++) = v;
-    ++r;
-  }
-  return m;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 RunContext ctx_of(bool training = false, uint64_t seed = 0) {

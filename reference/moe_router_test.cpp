@@ -15,9 +15,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
+
+using namespace test_util;
 
 const double kLn2 = std::log(2.0), kLn3 = std::log(3.0), kLn4 = std::log(4.0);
 
@@ -35,26 +38,6 @@ TransformerConfig moe_config(int64_t h, int64_t experts, int64_t k,
   if (edit) edit(cfg);
   validate_config(cfg);
   return cfg;
-}
-
-Mat rows_of(std::initializer_list<std::initializer_list<double>> rows) {
-  Mat m(static_cast<Eigen::Index>(rows.size()), static_cast<Eigen::Index>(rows.begin()->size()));
-  Eigen::Index r = 0;
-  for (const auto& row : rows) {
-    Eigen::Index c = 0;
-    for (double v : row) m(r, c++) = v;
-    ++r;
-  }
-  return m;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 RunContext eval_ctx(uint64_t seed = 0) {

@@ -12,9 +12,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
+
+using namespace test_util;
 
 Mat row_of(std::initializer_list<double> v) {
   Mat m(1, static_cast<Eigen::Index>(v.size()));
@@ -29,15 +32,6 @@ TransformerConfig config(const std::string& normalization, double eps, bool zero
   cfg.layernorm_epsilon = eps;
   cfg.layernorm_zero_centered_gamma = zero_centered;
   return cfg;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 // x = [1, 2, 3, 4]: mean 2.5, deviations [-1.5, -0.5, 0.5, 1.5], biased

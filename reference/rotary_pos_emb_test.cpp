@@ -12,9 +12,12 @@
 
 #include "common/error.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
+
+using namespace test_util;
 
 TransformerConfig rope_config(int64_t kv_channels, double percent = 1.0, bool interleaved = false) {
   TransformerConfig cfg;
@@ -22,15 +25,6 @@ TransformerConfig rope_config(int64_t kv_channels, double percent = 1.0, bool in
   cfg.rotary_percent = percent;
   cfg.rotary_interleaved = interleaved;
   return cfg;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 double f32(double x) { return static_cast<double>(static_cast<float>(x)); }

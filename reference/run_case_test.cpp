@@ -16,11 +16,12 @@
 #include "common/transformer_config.h"
 #include "reference/make_case.h"
 #include "reference/run_case.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-TransformerConfig config(const std::string& json) { return config_from_json_text(json).config; }
+using namespace test_util;
 
 const char* kGpt = R"({"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "ffn_hidden_size": 12,
   "hidden_dropout": 0.0, "attention_dropout": 0.0, "init_method_std": 0.3})";
@@ -107,7 +108,7 @@ void expect_gradients_match(const Case& made, int per_tensor = 6) {
 MakeCaseOptions options(const std::string& component, const char* json) {
   MakeCaseOptions o;
   o.component = component;
-  o.config = config(json);
+  o.config = json_config(json);
   o.seed = 7;
   o.seq_length = 4;
   o.micro_batch_size = 2;
@@ -116,7 +117,8 @@ MakeCaseOptions options(const std::string& component, const char* json) {
 
 TEST(RunCaseGradients, NormsRopeMlp) {
   for (const char* cfg : {kGpt, kLlama}) {
-    expect_gradients_match(make_case(options(config(cfg).normalization == "RMSNorm" ? "rmsnorm" : "layernorm", cfg)));
+    const bool rms = json_config(cfg).normalization == "RMSNorm";
+    expect_gradients_match(make_case(options(rms ? "rmsnorm" : "layernorm", cfg)));
     expect_gradients_match(make_case(options("mlp", cfg)));
     expect_gradients_match(make_case(options("rotary_pos_emb", cfg)));
   }

@@ -17,51 +17,12 @@
 #include "common/error.h"
 #include "reference/gradcheck.h"
 #include "reference/rotary_pos_emb.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-Mat rows(std::initializer_list<std::initializer_list<double>> r) {
-  Mat m(static_cast<Eigen::Index>(r.size()), static_cast<Eigen::Index>(r.begin()->size()));
-  Eigen::Index i = 0;
-  for (const auto& row : r) {
-    Eigen::Index j = 0;
-    for (double v : row) m(i, j++) = v;
-    ++i;
-  }
-  return m;
-}
-
-// Columns `cols` of m, in that order.
-Mat columns(const Mat& m, const std::vector<int64_t>& cols) {
-  Mat out(m.rows(), static_cast<Eigen::Index>(cols.size()));
-  for (size_t c = 0; c < cols.size(); ++c) out.col(static_cast<Eigen::Index>(c)) = m.col(cols[c]);
-  return out;
-}
-
-TransformerConfig config(int64_t n, int64_t g, int64_t hn, int64_t h, bool bias_linear = true, bool qkv_bias = false) {
-  TransformerConfig c;
-  c.num_layers = 2;
-  c.hidden_size = h;
-  c.num_attention_heads = n;
-  c.num_query_groups = g;
-  c.kv_channels = hn;
-  c.attention_dropout = 0.0;
-  c.hidden_dropout = 0.0;
-  c.add_bias_linear = bias_linear;
-  c.add_qkv_bias = qkv_bias;
-  return c;
-}
+using namespace test_util;
 
 // Random weights for cfg under the self-attention's local keys.
 MatMap weights(const TransformerConfig& c, uint64_t seed) {
@@ -86,7 +47,7 @@ const Precision kTruth = truth_precision();
 // so query = columns {0, 1, 4, 5}, key = {2, 6}, value = {3, 7}
 // ([all Q | all K | all V] would give query {0, 1, 2, 3}).
 TEST(SelfAttention, FusedQkvLayoutIsPerQueryGroup) {
-  const TransformerConfig cfg = config(4, 2, 1, 8, /*bias_linear=*/false);
+  const TransformerConfig cfg = attention_config(4, 2, 1, 8, /*bias_linear=*/false);
   MatMap w = weights(cfg, 1);
   w["linear_qkv.weight"] = Mat::Identity(8, 8);
   const Mat x = random_normal(3, 8, 1, "x");
@@ -135,20 +96,20 @@ RC_GTEST_PROP(SelfAttentionProperty, SplitFollowsTheSpecRowFormula, ()) {
 // (1 + 3a/4, -1). output = context diag(1, 2): (1, -2), (1 + 3a/4, -2);
 // output_bias = b_proj, not added.
 TEST(SelfAttention, TwoTokensByHand) {
-  const TransformerConfig cfg = config(1, 1, 2, 2);
+  const TransformerConfig cfg = attention_config(1, 1, 2, 2);
   MatMap w;
-  w["linear_qkv.weight"] = rows({{1, 0}, {0, 1}, {1, 0}, {0, 1}, {1, 0}, {0, 1}});
-  w["linear_qkv.bias"] = rows({{0, 0, 0, 0, 1, -1}});
-  w["linear_proj.weight"] = rows({{1, 0}, {0, 2}});
-  w["linear_proj.bias"] = rows({{0.5, -0.5}});
+  w["linear_qkv.weight"] = rows_of({{1, 0}, {0, 1}, {1, 0}, {0, 1}, {1, 0}, {0, 1}});
+  w["linear_qkv.bias"] = rows_of({{0, 0, 0, 0, 1, -1}});
+  w["linear_proj.weight"] = rows_of({{1, 0}, {0, 2}});
+  w["linear_proj.bias"] = rows_of({{0.5, -0.5}});
   const double a = std::sqrt(std::sqrt(2.0) * std::log(3.0));
-  const Mat x = rows({{0, 0}, {a, 0}});
+  const Mat x = rows_of({{0, 0}, {a, 0}});
   const auto f = self_attention_forward(cfg, Params(w), x, 1, AttnMaskType::causal, std::nullopt, std::nullopt,
                                         kTruth, {});
-  EXPECT_LE((f.output - rows({{1, -2}, {1 + 3 * a / 4, -2}})).cwiseAbs().maxCoeff(), 1e-14) << f.output;
+  EXPECT_LE((f.output - rows_of({{1, -2}, {1 + 3 * a / 4, -2}})).cwiseAbs().maxCoeff(), 1e-14) << f.output;
   ASSERT_TRUE(f.output_bias.has_value());
-  EXPECT_EQ(*f.output_bias, rows({{0.5, -0.5}}));
-  EXPECT_LE((f.core.probs - rows({{1, 0}, {0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
+  EXPECT_EQ(*f.output_bias, rows_of({{0.5, -0.5}}));
+  EXPECT_LE((f.core.probs - rows_of({{1, 0}, {0.25, 0.75}})).cwiseAbs().maxCoeff(), 1e-15);
   // Without add_bias_linear there is no output_bias.
   TransformerConfig nob = cfg;
   nob.add_bias_linear = false;
@@ -165,17 +126,17 @@ TEST(SelfAttention, TwoTokensByHand) {
 // rotate_half([x0, x1]) = [-x1, x0], so (a, 0) becomes (a c, a s) with c, s
 // the float32 cos/sin of 1/2 (Megatron evaluates them in float32).
 TEST(SelfAttention, RopeRotatesQueryAndKeyOnly) {
-  const TransformerConfig cfg = config(1, 1, 2, 2, /*bias_linear=*/false);
+  const TransformerConfig cfg = attention_config(1, 1, 2, 2, /*bias_linear=*/false);
   MatMap w;
-  w["linear_qkv.weight"] = rows({{1, 0}, {0, 1}, {1, 0}, {0, 1}, {1, 0}, {0, 1}});
+  w["linear_qkv.weight"] = rows_of({{1, 0}, {0, 1}, {1, 0}, {0, 1}, {1, 0}, {0, 1}});
   w["linear_proj.weight"] = Mat::Identity(2, 2);
   const double a = 1.5;
-  const Mat x = rows({{0.25, -1}, {a, 0}});
-  const Mat freqs = rows({{0, 0}, {0.5, 0.5}});
+  const Mat x = rows_of({{0.25, -1}, {a, 0}});
+  const Mat freqs = rows_of({{0, 0}, {0.5, 0.5}});
   MatMap taps;
   self_attention_forward(cfg, Params(w), x, 1, AttnMaskType::causal, std::nullopt, freqs, kTruth, {}, Sink(taps));
   const double c = static_cast<float>(std::cos(0.5)), s = static_cast<float>(std::sin(0.5));
-  const Mat rotated = rows({{0.25, -1}, {a * c, a * s}});
+  const Mat rotated = rows_of({{0.25, -1}, {a * c, a * s}});
   EXPECT_EQ(taps.at("core_attention.query"), rotated);
   EXPECT_EQ(taps.at("core_attention.key"), rotated);
   EXPECT_EQ(taps.at("core_attention.value"), x);  // unrotated
@@ -184,7 +145,7 @@ TEST(SelfAttention, RopeRotatesQueryAndKeyOnly) {
 RC_GTEST_PROP(SelfAttentionProperty, RopeDependsOnRelativePositionsOnly, ()) {
   // Adding the same angle c to every position rotates every q and k by c:
   // q_i.k_j is unchanged, so is the output (up to the float32 cos/sin).
-  const TransformerConfig cfg = config(2, 1, 4, 5);
+  const TransformerConfig cfg = attention_config(2, 1, 4, 5);
   const uint64_t seed = *rc::gen::arbitrary<uint64_t>();
   const MatMap w = weights(cfg, seed);
   const int64_t s = *rc::gen::inRange<int64_t>(1, 6), b = 2;
@@ -253,14 +214,14 @@ void check_gradients(const GradCase& c) {
 
 TEST(SelfAttentionGrad, GqaWithRopeAndOutputBias) {
   GradCase c;
-  c.cfg = config(4, 2, 4, 6);
+  c.cfg = attention_config(4, 2, 4, 6);
   c.rope = true;
   check_gradients(c);
 }
 
 TEST(SelfAttentionGrad, QkvBiasOnlyWithPaddingAndFullyMaskedRow) {
   GradCase c;
-  c.cfg = config(2, 2, 3, 5, /*bias_linear=*/false, /*qkv_bias=*/true);
+  c.cfg = attention_config(2, 2, 3, 5, /*bias_linear=*/false, /*qkv_bias=*/true);
   c.type = AttnMaskType::padding;
   const std::vector<int64_t> q = {3, 1}, kv = {2, 3};  // batch 1: queries 1, 2 fully masked
   c.mask = padding_mask(q, kv, 3, 3);
@@ -270,7 +231,7 @@ TEST(SelfAttentionGrad, QkvBiasOnlyWithPaddingAndFullyMaskedRow) {
 
 TEST(SelfAttentionGrad, DropoutAndLayerScalingAtLayer3) {
   GradCase c;
-  c.cfg = config(2, 1, 4, 4);
+  c.cfg = attention_config(2, 1, 4, 4);
   c.cfg.attention_dropout = 0.25;
   c.cfg.apply_query_key_layer_scaling = true;
   c.training = true;
@@ -282,7 +243,7 @@ TEST(SelfAttentionGrad, DropoutAndLayerScalingAtLayer3) {
 
 TEST(SelfAttentionGrad, PartialInterleavedRopeSlidingWindowNoOutputBiasGrad) {
   GradCase c;
-  c.cfg = config(2, 2, 4, 4);
+  c.cfg = attention_config(2, 2, 4, 4);
   c.cfg.rotary_interleaved = true;
   c.cfg.window_size = std::array<int64_t, 2>{1, 0};
   c.rope = true;
@@ -299,7 +260,7 @@ TEST(SelfAttentionGrad, PartialInterleavedRopeSlidingWindowNoOutputBiasGrad) {
 RC_GTEST_PROP(SelfAttentionProperty, EquivariantUnderBatchPermutation, ()) {
   const int64_t b = *rc::gen::inRange<int64_t>(2, 4), s = *rc::gen::inRange<int64_t>(1, 5);
   const uint64_t seed = *rc::gen::arbitrary<uint64_t>();
-  const TransformerConfig cfg = config(2, 1, 2, 3);
+  const TransformerConfig cfg = attention_config(2, 1, 2, 3);
   const MatMap w = weights(cfg, seed);
   std::vector<int64_t> perm(static_cast<size_t>(b));
   std::iota(perm.begin(), perm.end(), 0);
@@ -323,7 +284,7 @@ RC_GTEST_PROP(SelfAttentionProperty, EquivariantUnderBatchPermutation, ()) {
 // Precision emulation.
 
 TEST(SelfAttentionPrecision, Bf16IsWithinBf16ErrorsOfTruth) {
-  TransformerConfig cfg = config(4, 2, 8, 16);
+  TransformerConfig cfg = attention_config(4, 2, 8, 16);
   cfg.bf16 = true;
   MatMap w = weights(cfg, 5);
   for (auto& [k, v] : w) v = rounded(v, DType::BF16);
@@ -361,7 +322,7 @@ TEST(SelfAttentionPrecision, Bf16IsWithinBf16ErrorsOfTruth) {
 // Taps, RNG path and errors.
 
 TEST(SelfAttention, TapsAndDropoutPath) {
-  TransformerConfig cfg = config(2, 1, 2, 3);
+  TransformerConfig cfg = attention_config(2, 1, 2, 3);
   cfg.attention_dropout = 0.5;
   const MatMap w = weights(cfg, 6);
   const Mat x = random_normal(4, 3, 6, "x");
@@ -388,7 +349,7 @@ TEST(SelfAttention, TapsAndDropoutPath) {
 }
 
 TEST(SelfAttention, BadInputErrors) {
-  const TransformerConfig cfg = config(2, 1, 2, 3);
+  const TransformerConfig cfg = attention_config(2, 1, 2, 3);
   const MatMap good = weights(cfg, 7);
   const Mat x = random_normal(4, 3, 7, "x");
   auto run = [&](const TransformerConfig& c, const MatMap& w, const Mat& xx, const std::optional<Mat>& freqs) {

@@ -22,21 +22,12 @@
 #include "common/module_params.h"
 #include "common/transformer_config.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-TransformerConfig config(const std::string& json) { return config_from_json_text(json).config; }
+using namespace test_util;
 
 TransformerConfig with_layers(int64_t num_layers) {
   TransformerConfig c;
@@ -44,27 +35,9 @@ TransformerConfig with_layers(int64_t num_layers) {
   return c;
 }
 
-// Random weights for `specs` (keys as module_params gives them) under
-// `prefix`: norm weights 1 + N(0, 0.1) (N(0, 0.1) with zero-centered gamma),
-// everything else N(0, 0.3), rounded to dtype.
-MatMap random_weights(const TransformerConfig& cfg, const std::vector<ParamSpec>& specs, const std::string& prefix,
-                      uint64_t seed, DType dtype = DType::F64) {
-  MatMap w;
-  for (const ParamSpec& s : specs) {
-    const std::string key = prefix + s.key;
-    const int64_t rows = s.shape.size() == 1 ? 1 : s.shape[0];
-    const int64_t cols = s.shape.size() == 1 ? s.shape[0] : s.shape[1];
-    const bool norm_weight = key.ends_with("layernorm.weight");
-    Mat m = random_normal(rows, cols, seed, key, norm_weight ? 0.1 : 0.3);
-    if (norm_weight && !cfg.layernorm_zero_centered_gamma) m.array() += 1.0;
-    w[key] = rounded(m, dtype);
-  }
-  return w;
-}
-
 // The whole model's parameters: "layers.<global i>.*" and "final_layernorm.*".
 MatMap model_weights(const TransformerConfig& cfg, uint64_t seed, DType dtype = DType::F64) {
-  return random_weights(cfg, module_params("transformer_block", cfg), "", seed, dtype);
+  return random_weights(module_params("transformer_block", cfg), "", seed, dtype, cfg.layernorm_zero_centered_gamma);
 }
 
 // What a pipeline stage holds: global layers [offset, offset + n) renamed to
@@ -148,7 +121,7 @@ TEST(TransformerBlockStage, Pp2WithoutVirtualPipelineAndWholeModel) {
 // float64 and bf16. Zero-centered gamma makes the kernel visible in bf16: TE
 // adds the 1 in fp32, the local (Apex) norm rounds weight + 1 to bf16.
 TEST(TransformerBlock, EqualsLayersInSequenceThenTeFinalNorm) {
-  TransformerConfig cfg = config(R"({"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
+  TransformerConfig cfg = json_config(R"({"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.1, "attention_dropout": 0.1,
     "layernorm_zero_centered_gamma": true})");
   LayerInputs in;
@@ -189,7 +162,7 @@ TEST(TransformerBlock, EqualsLayersInSequenceThenTeFinalNorm) {
 // The final norm runs only with post_process and its weights: otherwise the
 // output is the last layer's output (no final_layernorm tap).
 TEST(TransformerBlock, FinalNormSkippedWithoutWeightsOrPostProcess) {
-  const TransformerConfig cfg = config(kGpt);
+  const TransformerConfig cfg = json_config(kGpt);
   const MatMap model = model_weights(cfg, 37);
   const MatMap no_norm = stage_weights(model, 0, 4, false);
   LayerInputs in;
@@ -221,7 +194,7 @@ TEST(TransformerBlock, FinalNormSkippedWithoutWeightsOrPostProcess) {
 // In bf16 the two differ (the scaled scores round differently), and each
 // equals the layer run with that number.
 TEST(TransformerBlock, AttentionLayerNumbersAreStageLocal) {
-  const TransformerConfig cfg = config(R"({"num_layers": 8, "hidden_size": 8, "num_attention_heads": 2,
+  const TransformerConfig cfg = json_config(R"({"num_layers": 8, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "apply_query_key_layer_scaling": true})");
   const MatMap model = model_weights(cfg, 41, DType::BF16);
@@ -259,7 +232,7 @@ TEST(TransformerBlock, AttentionLayerNumbersAreStageLocal) {
 // final norm on the last one only. Naming by the chunk-local index instead
 // (layer_offset 0 on the second stage) draws other masks.
 TEST(TransformerBlock, DropoutMasksUseTheGlobalLayerIndex) {
-  const TransformerConfig cfg = config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+  const TransformerConfig cfg = json_config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.3, "attention_dropout": 0.3})");
   const MatMap model = model_weights(cfg, 43);
   LayerInputs in;
@@ -307,13 +280,15 @@ TEST(TransformerBlock, DropoutMasksUseTheGlobalLayerIndex) {
 // in training with dropout (a 2-layer encoder-decoder stage starting at
 // global layer 3, so the RNG paths are layers.2 and layers.3).
 TEST(TransformerBlock, BackwardEqualsChainedLayerBackwards) {
-  const TransformerConfig cfg = config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+  const TransformerConfig cfg = json_config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.2, "attention_dropout": 0.2, "normalization": "RMSNorm"})");
   MatMap w = stage_weights(model_weights(cfg, 47), 2, 2, true);
   for (int64_t i = 0; i < 2; ++i) {
     const std::string prefix = fmt::format("layers.{}.", i);
-    w.merge(random_weights(cfg, module_params("cross_attention", cfg), prefix + "cross_attention.", 47 + i));
-    w.merge(random_weights(cfg, module_params("rmsnorm", cfg), prefix + "pre_cross_attn_layernorm.", 47 + i));
+    w.merge(random_weights(module_params("cross_attention", cfg), prefix + "cross_attention.", 47 + i, DType::F64,
+                           cfg.layernorm_zero_centered_gamma));
+    w.merge(random_weights(module_params("rmsnorm", cfg), prefix + "pre_cross_attn_layernorm.", 47 + i, DType::F64,
+                           cfg.layernorm_zero_centered_gamma));
   }
   LayerInputs in;
   in.b = 2;
@@ -362,7 +337,7 @@ TEST(TransformerBlock, BackwardEqualsChainedLayerBackwards) {
 }
 
 TEST(TransformerBlock, TapsAndErrors) {
-  const TransformerConfig cfg = config(kGpt);
+  const TransformerConfig cfg = json_config(kGpt);
   const MatMap w = model_weights(cfg, 53);
   LayerInputs in;
   in.b = 2;

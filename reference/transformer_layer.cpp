@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include <functional>
+#include <string_view>
+
 #include "common/error.h"
 
 namespace paritron::ref {
@@ -121,86 +124,86 @@ TransformerLayerForward transformer_layer_forward(const TransformerConfig& cfg, 
   return f;
 }
 
+namespace {
+
+// The backward of one sub-block, out = residual + dropout(module(norm(residual)) + bias),
+// or of its identity forms (no module: out = norm(residual); neither: out = residual).
+// `module_backward` takes the gradient reaching the module's (output, bias) and
+// returns the gradient of the module's input. Returns d(residual).
+struct SubBlock {
+  std::string_view norm_name;                  // "input_layernorm", ...
+  const std::optional<NormForward>* norm;      // its forward, when the norm exists
+  const BiasDropoutAddForward* bda;            // null when the module is IdentityOp
+  std::optional<Mat> bias;                     // the module's returned bias
+};
+
+Mat sub_block_backward(const TransformerConfig& cfg, const Params& w, const Mat& residual, const SubBlock& b,
+                       const Mat& d_out, const Sink& grads, const Precision& p,
+                       const std::function<Mat(const Mat&, const std::optional<Mat>&)>& module_backward) {
+  Mat d_residual, d_norm_out;
+  if (b.bda) {
+    const BiasDropoutAddGrads bda = bias_dropout_add_backward(*b.bda, b.bias, d_out, p);
+    d_norm_out = module_backward(bda.x, bda.bias);
+    d_residual = bda.residual;
+  } else {
+    d_norm_out = d_out;  // IdentityOp module, IdentityFuncOp bda: no residual branch
+    d_residual = Mat::Zero(d_out.rows(), d_out.cols());
+  }
+  if (*b.norm) {
+    d_residual += norm_backward(cfg, w.sub(b.norm_name), residual, **b.norm, d_norm_out, grads.sub(b.norm_name), p);
+  } else {
+    d_residual += d_norm_out;
+  }
+  round_inplace(d_residual, p.dtype);
+  return d_residual;
+}
+
+}  // namespace
+
 TransformerLayerGrads transformer_layer_backward(const TransformerConfig& cfg, const Params& w,
                                                  const LayerInputs& in, const TransformerLayerForward& f,
                                                  const Mat& d_output, const Sink& grads, const Precision& p) {
   TransformerLayerGrads g;
   Mat d_hidden = d_output;
 
-  // MLP / MoE block: output = residual + dropout(mlp(norm(residual)) + bias).
+  // MLP / MoE block.
   {
     const Mat& residual = f.after_cross_attention;
-    Mat d_norm_out;
-    if (f.spec.mlp) {
-      const std::optional<Mat> bias = f.moe ? f.moe->output_bias : as_bias(f.mlp->output_bias);
-      const BiasDropoutAddGrads bda = bias_dropout_add_backward(*f.mlp_bda, bias, d_hidden, p);
-      const Mat& m = f.pre_mlp_layernorm ? f.pre_mlp_layernorm->output : residual;
-      d_norm_out = f.moe ? moe_layer_backward(cfg, w.sub("mlp"), m, *f.moe, bda.x, bda.bias, grads.sub("mlp"), p)
-                         : mlp_backward(cfg, w.sub("mlp"), m, *f.mlp, bda.x, as_row(bda.bias), grads.sub("mlp"), p);
-      d_hidden = bda.residual;
-    } else {
-      d_norm_out = d_hidden;
-      d_hidden = Mat::Zero(d_hidden.rows(), d_hidden.cols());
-    }
-    if (f.pre_mlp_layernorm) {
-      d_hidden += norm_backward(cfg, w.sub("pre_mlp_layernorm"), residual, *f.pre_mlp_layernorm, d_norm_out,
-                                grads.sub("pre_mlp_layernorm"), p);
-    } else {
-      d_hidden += d_norm_out;
-    }
-    round_inplace(d_hidden, p.dtype);
+    const Mat& m = f.pre_mlp_layernorm ? f.pre_mlp_layernorm->output : residual;
+    SubBlock b{"pre_mlp_layernorm", &f.pre_mlp_layernorm, f.mlp_bda ? &*f.mlp_bda : nullptr, std::nullopt};
+    if (f.spec.mlp) b.bias = f.moe ? f.moe->output_bias : as_bias(f.mlp->output_bias);
+    d_hidden = sub_block_backward(cfg, w, residual, b, d_hidden, grads, p, [&](const Mat& dx, const std::optional<Mat>& db) {
+      return f.moe ? moe_layer_backward(cfg, w.sub("mlp"), m, *f.moe, dx, db, grads.sub("mlp"), p)
+                   : mlp_backward(cfg, w.sub("mlp"), m, *f.mlp, dx, as_row(db), grads.sub("mlp"), p);
+    });
   }
 
-  // Cross-attention block.
+  // Cross-attention block (absent in the GPT specs: nothing to do).
   if (f.spec.cross_attention || f.pre_cross_attn_layernorm) {
     const Mat& residual = f.after_self_attention;
-    Mat d_norm_out;
-    if (f.spec.cross_attention) {
-      const std::optional<Mat> bias = as_bias(f.cross_attention->output_bias);
-      const BiasDropoutAddGrads bda = bias_dropout_add_backward(*f.cross_attn_bda, bias, d_hidden, p);
-      const Mat& c = f.pre_cross_attn_layernorm ? f.pre_cross_attn_layernorm->output : residual;
+    const Mat& c = f.pre_cross_attn_layernorm ? f.pre_cross_attn_layernorm->output : residual;
+    SubBlock b{"pre_cross_attn_layernorm", &f.pre_cross_attn_layernorm, f.cross_attn_bda ? &*f.cross_attn_bda : nullptr,
+               std::nullopt};
+    if (f.spec.cross_attention) b.bias = as_bias(f.cross_attention->output_bias);
+    d_hidden = sub_block_backward(cfg, w, residual, b, d_hidden, grads, p, [&](const Mat& dx, const std::optional<Mat>& db) {
       const CrossAttentionGrads cg = cross_attention_backward(cfg, w.sub("cross_attention"), c, *in.context, in.b,
-                                                              *f.cross_attention, bda.x, as_row(bda.bias),
+                                                              *f.cross_attention, dx, as_row(db),
                                                               grads.sub("cross_attention"), p);
-      d_norm_out = cg.d_hidden_states;
       g.context = cg.d_key_value_states;
-      d_hidden = bda.residual;
-    } else {
-      d_norm_out = d_hidden;
-      d_hidden = Mat::Zero(d_hidden.rows(), d_hidden.cols());
-    }
-    if (f.pre_cross_attn_layernorm) {
-      d_hidden += norm_backward(cfg, w.sub("pre_cross_attn_layernorm"), residual, *f.pre_cross_attn_layernorm,
-                                d_norm_out, grads.sub("pre_cross_attn_layernorm"), p);
-    } else {
-      d_hidden += d_norm_out;
-    }
-    round_inplace(d_hidden, p.dtype);
+      return cg.d_hidden_states;
+    });
   }
 
   // Self-attention block.
   {
     const Mat& residual = f.input;
-    Mat d_norm_out;
-    if (f.spec.self_attention) {
-      const std::optional<Mat> bias = as_bias(f.self_attention->output_bias);
-      const BiasDropoutAddGrads bda = bias_dropout_add_backward(*f.self_attn_bda, bias, d_hidden, p);
-      const Mat& a = f.input_layernorm ? f.input_layernorm->output : residual;
-      d_norm_out = self_attention_backward(cfg, w.sub("self_attention"), a, in.b, in.rotary_pos_emb,
-                                           *f.self_attention, bda.x, as_row(bda.bias), grads.sub("self_attention"),
-                                           p);
-      d_hidden = bda.residual;
-    } else {
-      d_norm_out = d_hidden;
-      d_hidden = Mat::Zero(d_hidden.rows(), d_hidden.cols());
-    }
-    if (f.input_layernorm) {
-      d_hidden += norm_backward(cfg, w.sub("input_layernorm"), residual, *f.input_layernorm, d_norm_out,
-                                grads.sub("input_layernorm"), p);
-    } else {
-      d_hidden += d_norm_out;
-    }
-    round_inplace(d_hidden, p.dtype);
+    const Mat& a = f.input_layernorm ? f.input_layernorm->output : residual;
+    SubBlock b{"input_layernorm", &f.input_layernorm, f.self_attn_bda ? &*f.self_attn_bda : nullptr, std::nullopt};
+    if (f.spec.self_attention) b.bias = as_bias(f.self_attention->output_bias);
+    d_hidden = sub_block_backward(cfg, w, residual, b, d_hidden, grads, p, [&](const Mat& dx, const std::optional<Mat>& db) {
+      return self_attention_backward(cfg, w.sub("self_attention"), a, in.b, in.rotary_pos_emb, *f.self_attention, dx,
+                                     as_row(db), grads.sub("self_attention"), p);
+    });
   }
   g.hidden_states = d_hidden;
   return g;

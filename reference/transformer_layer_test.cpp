@@ -22,47 +22,14 @@
 #include "common/module_params.h"
 #include "common/transformer_config.h"
 #include "reference/gradcheck.h"
+#include "reference/test_util.h"
 
 namespace paritron::ref {
 namespace {
 
-Mat mat(int64_t rows, int64_t cols, std::initializer_list<double> v) {
-  Mat m(rows, cols);
-  Eigen::Index i = 0;
-  for (double d : v) m.data()[i++] = d;
-  return m;
-}
-
-template <class F>
-void expect_error(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using namespace test_util;
 
 double max_abs_diff(const Mat& a, const Mat& b) { return (a - b).cwiseAbs().maxCoeff(); }
-
-TransformerConfig config(const std::string& json) { return config_from_json_text(json).config; }
-
-// Random weights for the parameters `specs` under `prefix`: norm weights
-// 1 + N(0, 0.1), everything else N(0, std), rounded to dtype.
-MatMap random_weights(const std::vector<ParamSpec>& specs, const std::string& prefix, uint64_t seed,
-                      DType dtype = DType::F64, double std = 0.3) {
-  MatMap w;
-  for (const ParamSpec& s : specs) {
-    const std::string key = prefix + s.key;
-    const int64_t rows = s.shape.size() == 1 ? 1 : s.shape[0];
-    const int64_t cols = s.shape.size() == 1 ? s.shape[0] : s.shape[1];
-    const bool norm_weight = key.ends_with("layernorm.weight");
-    Mat m = random_normal(rows, cols, seed, key, norm_weight ? 0.1 : std);
-    if (norm_weight) m.array() += 1.0;
-    w[key] = rounded(m, dtype);
-  }
-  return w;
-}
 
 // A GPT layer's weights plus, with cross, a pre-cross-attention LayerNorm and
 // a cross attention (the encoder-decoder layer).
@@ -199,7 +166,7 @@ TEST(TransformerLayer, BiasIsAddedInsideBiasDropoutAdd) {
 // (forward bitwise, backward bitwise), here on a random GPT layer too.
 TEST(TransformerLayer, ApplyResidualConnectionPostLayernormChangesNothing) {
   for (bool hand : {true, false}) {
-    TransformerConfig cfg = hand ? hand_config() : config(kGpt);
+    TransformerConfig cfg = hand ? hand_config() : json_config(kGpt);
     const MatMap w = hand ? hand_weights() : layer_weights(cfg, 3, false);
     LayerInputs in = hand_inputs();
     const Mat x = hand ? kHandX : random_normal(6, 8, 3, "x");
@@ -254,7 +221,7 @@ TEST(TransformerLayer, IdentitySelfAttentionPassesTheNormedInputThrough) {
 // by its norm (IdentityOp returns the normed tensor, identity bda passes it):
 // for the hand layer it is [[m0, -m0], [-m1, m1]] of the first test.
 TEST(TransformerLayer, AbsentCrossAttentionIsAnExactNoOp) {
-  const TransformerConfig cfg = config(kGpt);
+  const TransformerConfig cfg = json_config(kGpt);
   const MatMap w = layer_weights(cfg, 5, false);
   const Mat x = random_normal(6, 8, 5, "x");
   LayerInputs in;
@@ -299,7 +266,7 @@ TEST(TransformerLayer, LayerSpecForReadsTheParameters) {
   EXPECT_FALSE(empty.input_layernorm || empty.self_attention || empty.pre_cross_attn_layernorm ||
                empty.cross_attention || empty.pre_mlp_layernorm || empty.mlp);
 
-  const TransformerConfig cfg = config(kGpt);
+  const TransformerConfig cfg = json_config(kGpt);
   MatMap gpt = random_weights(module_params("transformer_layer", cfg), "layers.3.", 1);
   const LayerSpec s = layer_spec_for(Params(gpt).sub("layers.3"));
   EXPECT_TRUE(s.input_layernorm && s.self_attention && s.pre_mlp_layernorm && s.mlp);
@@ -325,7 +292,7 @@ TEST(TransformerLayer, LayerSpecForReadsTheParameters) {
 // holding the matching forward value; the attention modules see ctx's layer
 // number (layer scaling on: coeff = 3 in both).
 TEST(TransformerLayer, TapsUnderTheDocumentedNames) {
-  TransformerConfig cfg = config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+  TransformerConfig cfg = json_config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "apply_query_key_layer_scaling": true})");
   const MatMap w = layer_weights(cfg, 9, true);
@@ -373,7 +340,7 @@ TEST(TransformerLayer, TapsUnderTheDocumentedNames) {
 // to layer 1 within 1e-12) but rounds differently when the scores are
 // materialised in bf16 / fp16 (not bitwise equal).
 TEST(TransformerLayer, LayerNumberReachesTheAttention) {
-  const TransformerConfig cfg = config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+  const TransformerConfig cfg = json_config(R"({"num_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 12, "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "apply_query_key_layer_scaling": true})");
   LayerInputs in;
@@ -403,7 +370,7 @@ TEST(TransformerLayer, LayerNumberReachesTheAttention) {
 // dropout, bitwise; the layer's backward is bda backward then
 // moe_layer_backward (the MoE parameter gradients bitwise).
 TEST(TransformerLayer, MoeLayerEqualsMoeLayerForwardPlusBda) {
-  const TransformerConfig cfg = config(R"({"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
+  const TransformerConfig cfg = json_config(R"({"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
     "ffn_hidden_size": 6, "num_moe_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 0.01,
     "hidden_dropout": 0.3, "attention_dropout": 0.1})");
   const MatMap w = layer_weights(cfg, 17, false);
@@ -452,7 +419,7 @@ TEST(TransformerLayer, MoeLayerEqualsMoeLayerForwardPlusBda) {
 // without cross attention, no norms at all, an IdentityOp MLP after its norm
 // — in training with hidden dropout.
 TEST(TransformerLayer, GradcheckIdentityVariants) {
-  const TransformerConfig base = config(R"({"num_layers": 2, "hidden_size": 4, "num_attention_heads": 2,
+  const TransformerConfig base = json_config(R"({"num_layers": 2, "hidden_size": 4, "num_attention_heads": 2,
     "ffn_hidden_size": 6, "hidden_dropout": 0.2, "attention_dropout": 0.0})");
   const MatMap full = layer_weights(base, 23, false);
   MatMap with_pre_cross = full;
@@ -486,7 +453,7 @@ TEST(TransformerLayer, GradcheckIdentityVariants) {
 }
 
 TEST(TransformerLayer, CrossAttentionWeightsWithoutContextIsAnError) {
-  const TransformerConfig cfg = config(kGpt);
+  const TransformerConfig cfg = json_config(kGpt);
   const MatMap w = layer_weights(cfg, 2, true);
   LayerInputs in;
   in.b = 2;

@@ -1,11 +1,6 @@
 // `paritron case make` and `paritron check` as a user runs them: a made case
 // passes, a corrupted one fails with exit 1 and names the tensor, unreadable
 // input exits 2, the JSON report carries the summary and one entry per tensor.
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -14,33 +9,16 @@
 #include <nlohmann/json.hpp>
 
 #include "common/case_file.h"
+#include "parity/cli/cli_test_util.h"
 
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string output;
-};
-
-Result run(const std::string& args) {
-  const std::string command = std::string(PARITRON_EXE) + " " + args + " 2>&1";
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return r;
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) r.output.append(buffer.data(), n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string fixture(const std::string& relative) { return std::string(PARITRON_SOURCE_DIR) + "/fixtures/" + relative; }
+using namespace paritron::cli_test_util;
 
 class CheckCommand : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() / ("paritron_check_test_" + std::to_string(::getpid()));
+    dir_ = own_temp_path("check_test");
     std::filesystem::create_directories(dir_);
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }

@@ -1,44 +1,16 @@
 // The `paritron` command line as a user meets it: exit codes (0 ok, 2 bad
 // input), help text, and messages that name the problem, run on the built
 // binary against the committed fixtures.
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <array>
-#include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <string>
 
 #include <gtest/gtest.h>
 
+#include "parity/cli/cli_test_util.h"
+
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-Result run(const std::string& args) {
-  const std::string command = std::string(PARITRON_EXE) + " " + args + " 2>&1";
-  Result r;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return r;
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) r.output.append(buffer.data(), n);
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string fixture(const std::string& relative) { return std::string(PARITRON_SOURCE_DIR) + "/fixtures/" + relative; }
-
-std::filesystem::path temp_file(const std::string& name, const std::string& content) {
-  const auto path = std::filesystem::temp_directory_path() / ("paritron_cli_test_" + std::to_string(::getpid()) + "_" + name);
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
-}
+using namespace paritron::cli_test_util;
 
 TEST(Cli, HelpAndVersion) {
   const Result help = run("--help");
