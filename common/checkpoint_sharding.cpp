@@ -23,6 +23,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "common/module_params.h"
 #include "common/parallel_config.h"
 #include "common/strict_json.h"
 #include "common/transformer_config.h"
@@ -197,12 +198,6 @@ ShardedObject make_sharded_object_for_checkpoint(std::string key, const Sharding
   return o;
 }
 
-namespace {
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
-}  // namespace
-
 ShardedStateDict make_sharded_tensors_for_checkpoint(std::span<const LocalStateEntry> state_dict, std::string_view prefix,
                                                      std::span<const TpAxis> axis_map, const ShardingContext& ctx,
                                                      std::span<const RankOffset> sharded_offsets) {
@@ -210,7 +205,7 @@ ShardedStateDict make_sharded_tensors_for_checkpoint(std::span<const LocalStateE
   for (const LocalStateEntry& e : state_dict) {
     std::string layer_key = std::string(prefix) + e.name;
     const auto in_map = std::find_if(axis_map.begin(), axis_map.end(), [&](const TpAxis& a) { return a.name == e.name; });
-    if (ends_with(e.name, "_extra_state")) {
+    if (std::string_view(e.name).ends_with("_extra_state")) {
       out.objects.push_back(make_sharded_object_for_checkpoint(std::move(layer_key), ctx, sharded_offsets));
     } else if (in_map != axis_map.end()) {
       out.tensors.push_back(make_tp_sharded_tensor_for_checkpoint(std::move(layer_key), e.local_shape, in_map->axis,
@@ -481,7 +476,7 @@ class Builder {
     // Note: prefix is already "...mlp.experts.", so the stacked key is
     // "...mlp.experts.experts.<param>" (the spec writes "mlp.experts.<param>").
     const std::string expert_sharded_prefix = prefix + "experts.";
-    const int64_t ffn_size = cfg_.moe_ffn_hidden_size.value_or(ffn());
+    const int64_t ffn_size = expert_ffn_hidden_size(cfg_);
     Entries out;
     for (int64_t i = 0; i < num_local; ++i) {
       const std::string expert_state_dict_prefix = fmt::format("{}local_experts.{}.", prefix, i);

@@ -10,7 +10,6 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
-#include "common/parallel_config.h"
 #include "common/rng.h"
 #include "common/transformer_config.h"
 
@@ -101,17 +100,13 @@ Tensor init_parameter_shard(const ParamSpec& spec, const TransformerConfig& cfg,
                             uint64_t seed, DType dtype, std::string_view name_prefix) {
   require_floating(dtype, spec);
   const TpShard shard = local_shard_spec(spec, tp_size, tp_rank);
+  if (shard.axis < 0) return init_parameter(spec, cfg, seed, dtype, name_prefix);  // replicated: the whole tensor
   const Init init = effective_init(spec, cfg);
   if (init == Init::kZeros) return constant(dtype, shard.local_shape, 0.0);
   if (init == Init::kOnes) return constant(dtype, shard.local_shape, 1.0);
   const std::string name = std::string(name_prefix) + spec.key;
   const RngKey key = rng_key(seed, name);
   const double stddev = init_stddev(init, cfg);
-  if (shard.axis < 0) {
-    Tensor t(dtype, spec.shape);
-    fill_normal(t, key, 0, 0.0, stddev);
-    return t;
-  }
   const AxisView v = axis_view(spec.shape, shard.axis);
   std::vector<Tensor> blocks;
   for (const IndexRange& r : shard.ranges) {
@@ -121,10 +116,6 @@ Tensor init_parameter_shard(const ParamSpec& spec, const TransformerConfig& cfg,
   return concat_columns(blocks, dtype, shard.local_shape, v.outer);
 }
 
-Tensor init_parameter_shard(const ParamSpec& spec, const TransformerConfig& cfg, const ParallelConfig& pc,
-                            int64_t tp_rank, uint64_t seed, DType dtype, std::string_view name_prefix) {
-  return init_parameter_shard(spec, cfg, pc.tensor_model_parallel_size, tp_rank, seed, dtype, name_prefix);
-}
 
 std::map<std::string, Tensor> init_parameters(std::string_view component, const TransformerConfig& cfg, uint64_t seed,
                                               DType dtype, std::string_view name_prefix) {

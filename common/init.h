@@ -39,7 +39,6 @@
 namespace paritron {
 
 struct TransformerConfig;
-struct ParallelConfig;
 
 // The standard deviation of a normal init (0 for constants).
 double init_stddev(Init init, const TransformerConfig& cfg);
@@ -54,8 +53,6 @@ Tensor init_parameter(const ParamSpec& spec, const TransformerConfig& cfg, uint6
 // shard is [gate_r; up_r].
 Tensor init_parameter_shard(const ParamSpec& spec, const TransformerConfig& cfg, int64_t tp_size, int64_t tp_rank,
                             uint64_t seed, DType dtype, std::string_view name_prefix = "");
-Tensor init_parameter_shard(const ParamSpec& spec, const TransformerConfig& cfg, const ParallelConfig& pc,
-                            int64_t tp_rank, uint64_t seed, DType dtype, std::string_view name_prefix = "");
 
 // Every parameter of `component` (module_params), whole, keyed by name_prefix + spec.key.
 std::map<std::string, Tensor> init_parameters(std::string_view component, const TransformerConfig& cfg, uint64_t seed,

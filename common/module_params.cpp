@@ -22,16 +22,6 @@ bool is_module_component(std::string_view component) {
   return std::find(kModuleComponents.begin(), kModuleComponents.end(), component) != kModuleComponents.end();
 }
 
-std::string_view init_name(Init init) {
-  switch (init) {
-    case Init::kNormal: return "normal";
-    case Init::kNormalOutputLayer: return "normal_output_layer";
-    case Init::kZeros: return "zeros";
-    case Init::kOnes: return "ones";
-  }
-  return "?";
-}
-
 namespace {
 
 // The sizes every component needs, read once from a validated config.
@@ -216,6 +206,21 @@ std::vector<ParamSpec> module_params(std::string_view component, const Transform
   if (component == "moe_layer") return moe_layer_params(cfg, d);
   if (component == "transformer_layer") return layer_params(cfg, d);
   return block_params(cfg, d);
+}
+
+std::vector<ParamSpec> cross_attention_layer_params(const TransformerConfig& cfg, std::string_view layer_prefix) {
+  std::vector<ParamSpec> out;
+  if (cfg.num_query_groups.value_or(cfg.num_attention_heads) != cfg.num_attention_heads) return out;
+  const std::string layer(layer_prefix);
+  for (ParamSpec spec : module_params(cfg.normalization == "RMSNorm" ? "rmsnorm" : "layernorm", cfg)) {
+    spec.key = layer + "pre_cross_attn_layernorm." + spec.key;
+    out.push_back(std::move(spec));
+  }
+  for (ParamSpec spec : module_params("cross_attention", cfg)) {
+    spec.key = layer + "cross_attention." + spec.key;
+    out.push_back(std::move(spec));
+  }
+  return out;
 }
 
 TpShard local_shard_spec(const ParamSpec& spec, int64_t tp_size, int64_t tp_rank) {

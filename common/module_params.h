@@ -57,7 +57,6 @@ enum class Init {
   kZeros,
   kOnes,
 };
-std::string_view init_name(Init init);  // "normal", "normal_output_layer", "zeros", "ones"
 
 struct ParamSpec {
   std::string key;  // state_dict key relative to the component, e.g. "linear_qkv.weight"
@@ -89,6 +88,13 @@ std::vector<ParamSpec> module_params(std::string_view component, const Transform
 
 // Expert ffn width: moe_ffn_hidden_size when set, else ffn_hidden_size.
 int64_t expert_ffn_hidden_size(const TransformerConfig& cfg);
+
+// The submodules an encoder-decoder layer adds to the GPT layer (spec §8.1;
+// the GPT specs leave them IdentityOp): pre_cross_attn_layernorm.* (LayerNorm
+// or RMSNorm by cfg.normalization) and cross_attention.*, keys prefixed with
+// layer_prefix ("" for a layer, "layers.3." in a block). Empty when the config
+// has GQA, which Megatron's CrossAttention rejects.
+std::vector<ParamSpec> cross_attention_layer_params(const TransformerConfig& cfg, std::string_view layer_prefix);
 
 // [begin, end) along one axis of the global tensor.
 struct IndexRange {

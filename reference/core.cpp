@@ -171,9 +171,8 @@ Mat to_mat(const Tensor& t, int64_t cols) {
   if (cols <= 0 || t.numel() % cols != 0) {
     throw Error(fmt::format("cannot view a tensor of shape {} as rows of {}", shape_string(t.shape()), cols));
   }
-  Mat m(t.numel() / cols, cols);
-  for (int64_t i = 0; i < t.numel(); ++i) m.data()[i] = t.get(i);
-  return m;
+  const std::vector<double> values = t.to_doubles();
+  return Eigen::Map<const Mat>(values.data(), t.numel() / cols, cols);
 }
 
 Mat to_mat(const Tensor& t) {
@@ -186,9 +185,7 @@ Tensor to_tensor(const Mat& m, const Shape& shape, DType dtype) {
   if (shape_numel(shape) != m.size()) {
     throw Error(fmt::format("cannot store a [{}, {}] matrix as shape {}", m.rows(), m.cols(), shape_string(shape)));
   }
-  Tensor t(dtype, shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.set(i, m.data()[i]);
-  return t;
+  return Tensor::from_values(dtype, shape, std::span<const double>(m.data(), static_cast<size_t>(m.size())));
 }
 
 }  // namespace paritron::ref

@@ -5,15 +5,9 @@
 
 #include "common/error.h"
 #include "common/fp8_scaling.h"
-#include "common/math/fp8.h"
 
 namespace paritron::ref {
 
-namespace {
-Fp8Role fp8_role(Fp8Operand role) {
-  return role == Fp8Operand::kInput ? Fp8Role::kInput : role == Fp8Operand::kWeight ? Fp8Role::kWeight : Fp8Role::kGradOutput;
-}
-}  // namespace
 
 
 Fp8Session::Fp8Session(const TransformerConfig& cfg) : state_(delayed_scaling_recipe(cfg)) {}
@@ -21,14 +15,14 @@ Fp8Session::Fp8Session(const TransformerConfig& cfg) : state_(delayed_scaling_re
 size_t Fp8Session::slot(std::string_view linear, Fp8Operand role) {
   const auto key = std::make_pair(std::string(linear), role);
   auto it = slots_.find(key);
-  if (it == slots_.end()) it = slots_.emplace(key, state_.add_slot(fp8_role(role))).first;
+  if (it == slots_.end()) it = slots_.emplace(key, state_.add_slot(role)).first;
   return it->second;
 }
 
 Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p, std::string_view linear) {
   if (!p.fp8) return x;
   const Fp8Format format = parse_fp8_format(*p.fp8);
-  const math::FloatFormat& f = fp8_float_format(format, fp8_role(role));
+  const math::FloatFormat& f = fp8_float_format(format, role);
   const float amax = tensor_amax(std::span<const double>(x.data(), x.size()));
   float scale = 0;
   if (p.fp8_session) {
@@ -40,15 +34,11 @@ Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p, std::strin
   } else {
     scale = scale_for_amax(amax, f, static_cast<int>(p.fp8_margin));
   }
-  const float scale_inv = 1.0f / scale;
   // cuBLASLt applies scale_inv to the fp32 accumulator, so the operand's value
   // in the GEMM is the exact q * scale_inv, not a per-element fp32 rounding of it.
-  Mat q(x.rows(), x.cols());
-  for (Eigen::Index i = 0; i < x.size(); ++i) {
-    const uint8_t code = math::fp8_quantise(static_cast<float>(x.data()[i]), scale, f);
-    q.data()[i] = math::fp8_dequantise_exact(code, scale_inv, f);
-  }
-  return q;
+  const std::vector<double> dequantised =
+      dequantise_exact(quantise(std::span<const double>(x.data(), x.size()), scale, f), 1.0f / scale, f);
+  return Eigen::Map<const Mat>(dequantised.data(), x.rows(), x.cols());
 }
 
 Mat linear_forward(const Params& w, const Mat& x, bool add_bias, const Precision& p) {

@@ -41,7 +41,7 @@ Mat linear_backward(const Params& w, const Mat& x, const Mat& dy, bool bias_grad
 // given role; identity without fp8. Without a session: the steady-state scale
 // of x's own amax. With p.fp8_session: TE's delayed scaling, the scale of the
 // slot (linear, role), recording x's amax into its history.
-enum class Fp8Operand { kInput, kWeight, kGradOutput };
+using Fp8Operand = Fp8Role;  // kInput, kWeight, kGradOutput (common/fp8_scaling.h)
 Mat fp8_fake_quant(const Mat& x, Fp8Operand role, const Precision& p, std::string_view linear = "");
 
 // Transformer Engine's delayed scaling over several steps (spec §12.3): one

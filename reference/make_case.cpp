@@ -26,9 +26,6 @@ Tensor normal_tensor(const Shape& shape, uint64_t seed, const std::string& name,
 // holds the router's "weight").
 std::vector<ParamSpec> case_params(const std::string& component, const TransformerConfig& cfg) {
   if (component == "dot_product_attention" || component == "rotary_pos_emb") return {};
-  if (component == "moe_router") {
-    return {ParamSpec{"weight", {*cfg.num_moe_experts, cfg.hidden_size}, Init::kNormal, -1, false, false, {}, {}}};
-  }
   return module_params(component, cfg);
 }
 
@@ -56,16 +53,10 @@ void add_weights(Case& c, const MakeCaseOptions& o) {
   // The GPT specs have no cross attention; an encoder-decoder layer adds
   // pre_cross_attn_layernorm and cross_attention (spec §8.1).
   const bool block = o.component == "transformer_block";
-  const std::string norm = c.config.normalization == "RMSNorm" ? "rmsnorm" : "layernorm";
   for (int64_t l = 0; l < (block ? c.config.num_layers : 1); ++l) {
-    const std::string layer = block ? fmt::format("layers.{}.", l) : "";
-    for (const ParamSpec& spec : module_params(norm, c.config)) {
-      const std::string key = layer + "pre_cross_attn_layernorm." + spec.key;
-      c.tensors["weights." + key] = draw_param(spec, key, c.config, o);
-    }
-    for (const ParamSpec& spec : module_params("cross_attention", c.config)) {
-      const std::string key = layer + "cross_attention." + spec.key;
-      c.tensors["weights." + key] = draw_param(spec, key, c.config, o);
+    for (const ParamSpec& spec :
+         cross_attention_layer_params(c.config, block ? fmt::format("layers.{}.", l) : std::string())) {
+      c.tensors["weights." + spec.key] = draw_param(spec, spec.key, c.config, o);
     }
   }
 }
@@ -182,13 +173,16 @@ Case make_case(const MakeCaseOptions& requested) {
   c.producer = fmt::format("paritron reference, float64 (weights: {})", o.weights);
   add_weights(c, o);
   add_inputs(c, o);
-  ReferenceOptions forward_only;
-  forward_only.backward = false;
-  const ReferenceResult forward = run_reference(c, forward_only);
-  if (o.backward) add_output_grads(c, forward, o.dtype);
-  ReferenceOptions full;
-  full.backward = o.backward;
-  const ReferenceResult result = run_reference(c, full);
+  // Forward first: the output shapes give the shapes of the grad_* inputs;
+  // with those in the case, the second run adds the backward.
+  ReferenceOptions run;
+  run.backward = false;
+  ReferenceResult result = run_reference(c, run);
+  if (o.backward) {
+    add_output_grads(c, result, o.dtype);
+    run.backward = true;
+    result = run_reference(c, run);
+  }
   for (const auto& [name, t] : result.tensors) {
     const bool tap = name.rfind("outputs.intermediate.", 0) == 0;
     if (tap && !o.taps) continue;

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "common/module_params.h"
 
 namespace paritron::ref {
 
@@ -42,7 +43,7 @@ LayerShape layer_shape(const TransformerConfig& cfg, const Mat& x) {
   s.experts = *cfg.num_moe_experts;
   s.topk = cfg.moe_router_topk;
   s.hidden = cfg.hidden_size;
-  s.ffn = cfg.moe_ffn_hidden_size.value_or(cfg.ffn_hidden_size.value_or(4 * cfg.hidden_size));
+  s.ffn = expert_ffn_hidden_size(cfg);
   s.fc1_out = cfg.gated_linear_unit ? 2 * s.ffn : s.ffn;
   s.grouped = cfg.moe_grouped_gemm;
   if (s.grouped && cfg.add_bias_linear) {

@@ -49,7 +49,7 @@ std::map<std::string, Shape> allowed_weights(const std::string& component, const
   };
   if (component == "moe_router") {
     if (!cfg.num_moe_experts) return allowed;
-    allowed["weight"] = {*cfg.num_moe_experts, h};
+    for (const ParamSpec& spec : module_params(component, cfg)) allowed[spec.key] = spec.shape;
     add_router_extras("");
     return allowed;
   }
@@ -71,12 +71,8 @@ std::map<std::string, Shape> allowed_weights(const std::string& component, const
         allowed[mlp + "experts.weight2"] = {e * f, h};
       }
     }
-    // Cross attention exists only without GQA (CrossAttention raises otherwise).
-    const bool cross_possible = cfg.num_query_groups == cfg.num_attention_heads;
-    if ((component == "transformer_layer" || component == "transformer_block") && cross_possible) {
-      const std::string norm = cfg.normalization == "RMSNorm" ? "rmsnorm" : "layernorm";
-      for (const ParamSpec& spec : module_params(norm, plain)) allowed[layer + "pre_cross_attn_layernorm." + spec.key] = spec.shape;
-      for (const ParamSpec& spec : module_params("cross_attention", plain)) allowed[layer + "cross_attention." + spec.key] = spec.shape;
+    if (component == "transformer_layer" || component == "transformer_block") {
+      for (const ParamSpec& spec : cross_attention_layer_params(plain, layer)) allowed[spec.key] = spec.shape;
     }
   }
   return allowed;
@@ -264,6 +260,12 @@ void run_rotary_pos_emb(CaseRun& run) {
   run.input_grad("t", dx);
 }
 
+// inputs.grad_output_bias for a [h] output_bias, when the case has it.
+std::optional<RowVec> bias_grad(const CaseRun& run, bool has_bias) {
+  if (!has_bias || !run.has_input("grad_output_bias")) return std::nullopt;
+  return RowVec(run.output_grad("grad_output_bias", {run.config().hidden_size}).row(0));
+}
+
 void run_mlp(CaseRun& run) {
   int64_t s = 0, b = 0;
   const Mat x = run.hidden("hidden_states", &s, &b);
@@ -274,11 +276,8 @@ void run_mlp(CaseRun& run) {
   if (f.output_bias) run.output("output_bias", *f.output_bias, {cfg.hidden_size});
   if (!run.backward()) return;
   const Mat dy = run.output_grad("grad_output", shape);
-  std::optional<RowVec> dbias;
-  if (f.output_bias && run.has_input("grad_output_bias")) {
-    dbias = RowVec(run.output_grad("grad_output_bias", {cfg.hidden_size}).row(0));
-  }
-  run.input_grad("hidden_states", mlp_backward(cfg, run.weights(), x, f, dy, dbias, run.grads(), run.precision()));
+  run.input_grad("hidden_states", mlp_backward(cfg, run.weights(), x, f, dy, bias_grad(run, f.output_bias.has_value()),
+                                               run.grads(), run.precision()));
 }
 
 // [s, b, heads, hn] -> the Mat of s*b rows, checking heads * hn.
@@ -316,11 +315,6 @@ void run_dot_product_attention(CaseRun& run) {
   run.input_grad("value", g.d_value);
 }
 
-// inputs.grad_output_bias for a [h] output_bias, when the case has it.
-std::optional<RowVec> bias_grad(const CaseRun& run, bool has_bias) {
-  if (!has_bias || !run.has_input("grad_output_bias")) return std::nullopt;
-  return RowVec(run.output_grad("grad_output_bias", {run.config().hidden_size}).row(0));
-}
 
 void run_self_attention(CaseRun& run) {
   const auto& cfg = run.config();
@@ -454,12 +448,7 @@ void run_transformer_block(CaseRun& run) {
   const Mat x = run.hidden("hidden_states", &s, &b);
   const LayerInputs in = layer_inputs(run, s, b);
   BlockStage stage;
-  while (run.weights().sub(fmt::format("layers.{}", stage.num_layers)).has("input_layernorm.weight") ||
-         run.weights().sub(fmt::format("layers.{}", stage.num_layers)).has("self_attention.linear_qkv.weight") ||
-         run.weights().sub(fmt::format("layers.{}", stage.num_layers)).has("mlp.linear_fc1.weight") ||
-         run.weights().sub(fmt::format("layers.{}", stage.num_layers)).has("mlp.router.weight")) {
-    ++stage.num_layers;
-  }
+  while (layer_spec_for(run.weights().sub(fmt::format("layers.{}", stage.num_layers))).any()) ++stage.num_layers;
   if (stage.num_layers == 0) throw Error("a transformer_block case needs weights.layers.0.*");
   stage.layer_offset = run.the_case().layer_number - 1;
   if (stage.layer_offset + stage.num_layers > cfg.num_layers) {

@@ -45,6 +45,10 @@ struct LayerSpec {
   bool cross_attention = false;
   bool pre_mlp_layernorm = true;
   bool mlp = true;  // MLP, or MoELayer when cfg.num_moe_experts is set
+
+  bool any() const {
+    return input_layernorm || self_attention || pre_cross_attn_layernorm || cross_attention || pre_mlp_layernorm || mlp;
+  }
 };
 LayerSpec layer_spec_for(const Params& w);
 

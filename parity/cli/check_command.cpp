@@ -61,6 +61,14 @@ struct CaseVerdict {
   std::vector<TensorVerdict> tensors;
   std::vector<std::string> notes;
   double seconds = 0;
+
+  int64_t count(std::string_view verdict) const {
+    return std::count_if(tensors.begin(), tensors.end(), [&](const TensorVerdict& t) { return t.verdict == verdict; });
+  }
+  // No tensor could be compared: the case proves nothing, so it fails the run
+  // (skips are never passes).
+  bool nothing_compared() const { return error.empty() && count("skip") == static_cast<int64_t>(tensors.size()); }
+  bool failed() const { return !error.empty() || nothing_compared() || count("fail") > 0; }
 };
 
 CaseVerdict check_case(const std::string& file, const ref::ReferenceOptions& options) {
@@ -96,20 +104,12 @@ CaseVerdict check_case(const std::string& file, const ref::ReferenceOptions& opt
   return v;
 }
 
-// A case in which no tensor could be compared proves nothing: it is reported
-// as such and fails the run (skips are never passes).
-bool nothing_compared(const CaseVerdict& v) {
-  return v.error.empty() && std::none_of(v.tensors.begin(), v.tensors.end(),
-                                         [](const TensorVerdict& t) { return t.verdict != "skip"; });
-}
-
 void print_case(const CaseVerdict& v, bool verbose, bool quiet) {
-  const int64_t failed = std::count_if(v.tensors.begin(), v.tensors.end(), [](const TensorVerdict& t) { return t.verdict == "fail"; });
-  const int64_t passed = std::count_if(v.tensors.begin(), v.tensors.end(), [](const TensorVerdict& t) { return t.verdict == "pass"; });
   if (quiet) {
-    const char* verdict = !v.error.empty() ? "ERROR" : failed > 0 || nothing_compared(v) ? "FAIL " : "PASS ";
+    const char* verdict = !v.error.empty() ? "ERROR" : v.failed() ? "FAIL " : "PASS ";
     std::cout << fmt::format("{} {} ({}): {} passed, {} failed, {:.3f} s\n", verdict, v.file,
-                             v.component.empty() ? "unreadable" : v.component, passed, failed, v.seconds);
+                             v.component.empty() ? "unreadable" : v.component, v.count("pass"), v.count("fail"),
+                             v.seconds);
     if (!v.error.empty()) std::cout << fmt::format("  {}\n", v.error);
     for (const auto& t : v.tensors) {
       if (t.verdict == "fail") std::cout << "  " << (verbose ? t.report->details() : t.report->summary()) << "\n";
@@ -138,7 +138,9 @@ void print_case(const CaseVerdict& v, bool verbose, bool quiet) {
     }
   }
   for (const auto& note : v.notes) std::cout << "  note: " << note << "\n";
-  if (nothing_compared(v)) std::cout << "  FAIL  nothing to compare: the case holds no output or gradient the reference produces\n";
+  if (v.nothing_compared()) {
+    std::cout << "  FAIL  nothing to compare: the case holds no output or gradient the reference produces\n";
+  }
 }
 
 nlohmann::ordered_json case_json(const CaseVerdict& v) {
@@ -162,12 +164,9 @@ nlohmann::ordered_json case_json(const CaseVerdict& v) {
     }
     tensors.push_back(std::move(j));
   }
-  const bool failed = !v.error.empty() || nothing_compared(v) ||
-                      std::any_of(v.tensors.begin(), v.tensors.end(),
-                                  [](const TensorVerdict& t) { return t.verdict == "fail"; });
   return {{"file", v.file},
           {"component", v.component},
-          {"passed", !failed},
+          {"passed", !v.failed()},
           {"error", v.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(v.error)},
           {"seconds", v.seconds},
           {"notes", v.notes},
@@ -184,12 +183,10 @@ int check(const CheckOptions& o) {
     const CaseVerdict v = check_case(file, options);
     print_case(v, o.verbose, o.quiet);
     if (!v.error.empty()) ++errors;
-    if (nothing_compared(v)) ++empty;
-    for (const auto& t : v.tensors) {
-      if (t.verdict == "pass") ++passed;
-      if (t.verdict == "fail") ++failed;
-      if (t.verdict == "skip") ++skipped;
-    }
+    if (v.nothing_compared()) ++empty;
+    passed += v.count("pass");
+    failed += v.count("fail");
+    skipped += v.count("skip");
     cases.push_back(case_json(v));
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
