@@ -332,8 +332,8 @@ int64_t divide(int64_t numerator, int64_t denominator, std::string_view what) {
 // Builds the sharded state dicts of the local-spec modules on one rank.
 class Builder {
  public:
-  Builder(const TransformerConfig& cfg, const ParallelConfig& pc, int64_t global_rank)
-      : cfg_(cfg), pc_(pc), ctx_(sharding_context(pc, global_rank)) {}
+  Builder(const TransformerConfig& cfg, const ParallelConfig& pc, int64_t global_rank, const ShardingOptions& options)
+      : cfg_(cfg), pc_(pc), ctx_(sharding_context(pc, global_rank)), options_(options) {}
 
   const ShardingContext& ctx() const { return ctx_; }
 
@@ -436,11 +436,12 @@ class Builder {
     const bool glu = cfg_.gated_linear_unit;
     Entries out = column_linear(prefix + "linear_fc1.", h(), glu ? 2 * ffn_size : ffn_size, cfg_.add_bias_linear, offsets);
     if (glu) {
-      // Only the weight goes through the factory in 0.5.0; the bias stays a
-      // plain dim-0 TP shard (spec §11.6).
-      const std::string weight_key = prefix + "linear_fc1.weight";
+      // Only the weight goes through the factory in 0.5.0 .. 0.7; the bias
+      // stays a plain dim-0 TP shard (spec §11.6). 0.8+ sends the bias too.
+      const std::string weight_key = prefix + "linear_fc1.weight", bias_key = prefix + "linear_fc1.bias";
       for (Entry& e : out) {
-        if (e.kind == Entry::Kind::kTensor && e.tensor.key == weight_key) {
+        const bool factory = e.tensor.key == weight_key || (options_.glu_fc1_bias_factory && e.tensor.key == bias_key);
+        if (e.kind == Entry::Kind::kTensor && factory) {
           e.kind = Entry::Kind::kGluFactory;
           e.factory_offsets = offsets;
         }
@@ -534,6 +535,7 @@ class Builder {
   TransformerConfig cfg_;
   ParallelConfig pc_;
   ShardingContext ctx_;
+  ShardingOptions options_;
 };
 
 // mapping.py apply_factories: the GLU factory becomes its two ShardedTensors.
@@ -568,17 +570,17 @@ TransformerConfig fitted_config(const TransformerConfig& cfg, const ParallelConf
 
 ShardedStateDict module_sharded_state_dict(std::string_view component, const TransformerConfig& cfg,
                                            const ParallelConfig& pc, int64_t global_rank, std::string_view prefix,
-                                           std::span<const RankOffset> sharded_offsets) {
+                                           std::span<const RankOffset> sharded_offsets, const ShardingOptions& options) {
   const TransformerConfig sized = fitted_config(cfg, pc);
-  Builder b(sized, pc, global_rank);
+  Builder b(sized, pc, global_rank, options);
   return apply_factories(b.component(component, std::string(prefix), Offsets(sharded_offsets.begin(), sharded_offsets.end())),
                          b.ctx());
 }
 
 std::vector<ShardedTensor> sharded_state_dict(std::string_view component, const TransformerConfig& cfg,
                                               const ParallelConfig& pc, int64_t global_rank, std::string_view prefix,
-                                              std::optional<int64_t> layer_number) {
-  if (!layer_number) return module_sharded_state_dict(component, cfg, pc, global_rank, prefix).tensors;
+                                              std::optional<int64_t> layer_number, const ShardingOptions& options) {
+  if (!layer_number) return module_sharded_state_dict(component, cfg, pc, global_rank, prefix, {}, options).tensors;
   if (component != "transformer_layer") {
     throw Error(fmt::format("sharded_state_dict: a layer_number goes with \"transformer_layer\", not \"{}\"", component));
   }
@@ -587,7 +589,7 @@ std::vector<ShardedTensor> sharded_state_dict(std::string_view component, const 
     throw Error(fmt::format("sharded_state_dict: layer_number {} outside 1..{}", *layer_number, sized.num_layers));
   }
   const int64_t global_index = *layer_number - 1;
-  Builder b(sized, pc, global_rank);
+  Builder b(sized, pc, global_rank, options);
   const int64_t vp = pc.virtual_pipeline_model_parallel_size.value_or(1);
   for (int64_t v = 0; v < vp; ++v) {
     const std::vector<int64_t> layers = stage_layers(pc, sized.num_layers, b.ctx().pp_rank, v);

@@ -129,6 +129,15 @@ ShardedTensor from_rank_offsets(std::string key, const Shape& local_shape, std::
 
 // The values the helpers read from parallel_state, as group ranks of the
 // groups initialize_model_parallel (0.5.0) builds (parallel_config.h).
+// What changed in Megatron's sharded_state_dict between releases without a
+// config field saying so.
+struct ShardingOptions {
+  // megatron-core >= 0.8 sends the GLU linear_fc1 bias through the gate/up
+  // factory like the weight (mlp.py apply_swiglu_sharded_factory); 0.5 .. 0.7
+  // save it as a plain dim-0 TP shard (spec §11.6).
+  bool glu_fc1_bias_factory = false;
+};
+
 struct ShardingContext {
   int64_t tp_rank = 0, tp_size = 1;
   int64_t dp_rank_with_cp = 0;  // rank in the data-parallel group with context parallel: cp + cp_size * dp
@@ -203,7 +212,8 @@ std::vector<ShardedTensor> glu_fc1_sharded_tensors(const std::string& key, const
 // ConfigError otherwise.
 ShardedStateDict module_sharded_state_dict(std::string_view component, const TransformerConfig& cfg,
                                            const ParallelConfig& pc, int64_t global_rank, std::string_view prefix = "",
-                                           std::span<const RankOffset> sharded_offsets = {});
+                                           std::span<const RankOffset> sharded_offsets = {},
+                                           const ShardingOptions& options = {});
 
 // The ShardedTensors of `component` on `global_rank` ("transformer_layer" or
 // "transformer_block"; any component of module_sharded_state_dict works).
@@ -214,7 +224,8 @@ ShardedStateDict module_sharded_state_dict(std::string_view component, const Tra
 std::vector<ShardedTensor> sharded_state_dict(std::string_view component, const TransformerConfig& cfg,
                                               const ParallelConfig& pc, int64_t global_rank,
                                               std::string_view prefix = "",
-                                              std::optional<int64_t> layer_number = std::nullopt);
+                                              std::optional<int64_t> layer_number = std::nullopt,
+                                              const ShardingOptions& options = {});
 
 // Every problem of the shards all ranks contribute (per_rank[r] = rank r's
 // list), empty when the sharding is sound: per key, equal global shape, local
