@@ -23,9 +23,9 @@ std::optional<AttentionMask> softmax_mask(AttnMaskType type, const std::optional
       }
       window[1] = 0;  // TE check_set_window_size: a causal window is (left, 0)
     }
-    AttentionMask w = sliding_window_mask(sq, sk, window);
-    if (mask) return w | *mask;
-    return w;
+    // Newer Megatron's torch path (fused_softmax.py forward_torch_softmax):
+    // with a window, get_sliding_window_causal_mask replaces any mask passed in.
+    return sliding_window_mask(sq, sk, window);
   }
   if (mask) return mask;  // used as is, whatever the mask type (spec §2.3 step 4)
   if (type == AttnMaskType::causal && sq > 1) {

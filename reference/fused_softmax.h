@@ -22,15 +22,16 @@
 // cuts the gradient there), computed in the softmax dtype, cast back.
 //
 // Sliding window (config.window_size, a newer field): Transformer Engine
-// semantics (TransformerConfig.window_size documents -1 = unbounded; the
-// config treats sliding windows as TE-only). The mask applied is
-//   sliding_window_mask(sq, sk, (left, right')) OR the passed mask (if any),
-// with right' = 0 for the causal type (TE's check_set_window_size forces a
-// causal window to (left, 0)). Megatron's own torch path (core_v0.19.0
-// fused_softmax.py) instead REPLACES the passed mask by
-// get_sliding_window_causal_mask, which reads -1 literally (window (-1, 0)
-// masks every entry there) and does not force right = 0 for causal; those
-// are the deliberate differences. With a window and the causal type, sq must
+// conventions for the window values (TransformerConfig.window_size documents
+// -1 = unbounded), Megatron's torch path for the mask: the mask applied is
+//   sliding_window_mask(sq, sk, (left, right')), bottom-right aligned,
+// and it REPLACES any passed mask, as newer Megatron's forward_torch_softmax
+// does (mask = get_sliding_window_causal_mask(sq, sk, window_size); checked
+// against megatron-core 0.16.1 by fixtures/golden/core_v0.16.1/
+// dpa_sliding_window_causal). right' = 0 for the causal type (TE's
+// check_set_window_size forces a causal window to (left, 0)). Deliberate
+// differences from that torch helper: it reads -1 literally (window (-1, 0)
+// masks every entry) and does not force right = 0 for causal. With a window and the causal type, sq must
 // equal sk (TE aligns causal windows top-left, the torch helper bottom-right:
 // they differ only when sq != sk, and that case is rejected). Also unlike TE:
 // TE rejects mixed windows such as (-1, 3) and turns (-1, 0) into "no
