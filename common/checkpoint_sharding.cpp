@@ -510,8 +510,11 @@ class Builder {
     append(out, self_attention(prefix + "self_attention.", offsets));
     append(out, fused_layer_norm(prefix + "pre_mlp_layernorm.", offsets, rms()));
     append(out, cfg_.num_moe_experts ? moe_layer(prefix + "mlp.", offsets) : mlp(prefix + "mlp.", offsets, ffn()));
-    apply_prefix_mapping(out, {{prefix + "input_layernorm.", prefix + "self_attention.linear_qkv.layer_norm_"},
-                               {prefix + "pre_mlp_layernorm.", prefix + "mlp.linear_fc1.layer_norm_"}});
+    std::vector<std::pair<std::string, std::string>> renames;  // local prefix -> TE prefix
+    for (const auto& [te, local] : kTeNormKeyPrefixes) {
+      renames.emplace_back(prefix + std::string(local), prefix + std::string(te));
+    }
+    apply_prefix_mapping(out, renames);
     return out;
   }
 

@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/tensor.h"
@@ -88,6 +89,15 @@ std::vector<ParamSpec> module_params(std::string_view component, const Transform
 
 // Expert ffn width: moe_ffn_hidden_size when set, else ffn_hidden_size.
 int64_t expert_ffn_hidden_size(const TransformerConfig& cfg);
+
+// Where the Transformer Engine spec keeps the layer norms the local spec has
+// as modules (TELayerNormColumnParallelLinear fuses them into the next linear;
+// the local spec's sharded_state_dict_keys_map renames to these keys, spec
+// §11.5): {TE key prefix within a layer, local key prefix}.
+inline constexpr std::array<std::pair<std::string_view, std::string_view>, 2> kTeNormKeyPrefixes = {{
+    {"self_attention.linear_qkv.layer_norm_", "input_layernorm."},
+    {"mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."},
+}};
 
 // The submodules an encoder-decoder layer adds to the GPT layer (spec §8.1;
 // the GPT specs leave them IdentityOp): pre_cross_attn_layernorm.* (LayerNorm

@@ -89,10 +89,6 @@ CrossAttentionGrads cross_attention_backward(const TransformerConfig& cfg, const
                                              const std::optional<RowVec>& d_output_bias, const Sink& grads,
                                              const Precision& p) {
   const AttentionDims d = cross_attention_checks(cfg, w, hidden_states, key_value_states, b);
-  if (d_output.rows() != fwd.output.rows() || d_output.cols() != fwd.output.cols()) {
-    throw Error(fmt::format("d_output is [{}, {}], expected the output's shape [{}, {}]", d_output.rows(),
-                            d_output.cols(), fwd.output.rows(), fwd.output.cols()));
-  }
   const Mat d_context = attention_proj_backward(cfg, w, fwd.core.output, d_output, d_output_bias, grads, p);
   const DotProductAttentionGrads g =
       dot_product_attention_backward(cfg, fwd.query, fwd.key, fwd.value, fwd.core, d_context, p);

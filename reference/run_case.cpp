@@ -25,14 +25,6 @@
 namespace paritron::ref {
 namespace {
 
-// Transformer Engine spec key names that hold the same tensors as the local
-// spec's norms (spec §7, §11.5: TELayerNormColumnParallelLinear fuses the norm
-// into linear_qkv / linear_fc1). Cases written with either spec load.
-const std::vector<std::pair<std::string, std::string>> kTeNormAliases = {
-    {"self_attention.linear_qkv.layer_norm_", "input_layernorm."},
-    {"mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."},
-};
-
 // The parameters a case of this component may hold, with their shapes: the
 // catalogue of common/module_params.h (local spec), plus what the catalogue
 // leaves out: the cross-attention submodules a layer may have (encoder-decoder
@@ -201,9 +193,10 @@ class CaseRun {
 
  private:
   static std::string local_key(const std::string& key) {
-    for (const auto& [te, local] : kTeNormAliases) {
+    // Cases written with the Transformer Engine spec's norm keys load too.
+    for (const auto& [te, local] : kTeNormKeyPrefixes) {
       const size_t at = key.find(te);
-      if (at != std::string::npos) return key.substr(0, at) + local + key.substr(at + te.size());
+      if (at != std::string::npos) return key.substr(0, at) + std::string(local) + key.substr(at + te.size());
     }
     return key;
   }

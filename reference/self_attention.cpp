@@ -65,6 +65,11 @@ Mat attention_proj_forward(const TransformerConfig& cfg, const Params& w, const 
 
 Mat attention_proj_backward(const TransformerConfig& cfg, const Params& w, const Mat& context, const Mat& d_output,
                             const std::optional<RowVec>& d_output_bias, const Sink& grads, const Precision& p) {
+  // linear_proj's output is [tokens, h]: one row per row of the context.
+  if (d_output.rows() != context.rows() || d_output.cols() != cfg.hidden_size) {
+    throw Error(fmt::format("d_output is [{}, {}], expected the output's shape [{}, {}]", d_output.rows(),
+                            d_output.cols(), context.rows(), cfg.hidden_size));
+  }
   Mat d_context = linear_backward(w.sub("linear_proj"), context, d_output, /*bias_grad=*/false,
                                   grads.sub("linear_proj"), p);
   if (cfg.add_bias_linear) {
@@ -147,10 +152,6 @@ Mat self_attention_backward(const TransformerConfig& cfg, const Params& w, const
                             const Mat& d_output, const std::optional<RowVec>& d_output_bias, const Sink& grads,
                             const Precision& p) {
   const AttentionDims d = self_attention_checks(cfg, w, hidden_states, b, rotary_pos_emb);
-  if (d_output.rows() != fwd.output.rows() || d_output.cols() != fwd.output.cols()) {
-    throw Error(fmt::format("d_output is [{}, {}], expected the output's shape [{}, {}]", d_output.rows(),
-                            d_output.cols(), fwd.output.rows(), fwd.output.cols()));
-  }
   const Mat d_context = attention_proj_backward(cfg, w, fwd.core.output, d_output, d_output_bias, grads, p);
   DotProductAttentionGrads g =
       dot_product_attention_backward(cfg, fwd.query, fwd.key, fwd.value, fwd.core, d_context, p);
