@@ -5,7 +5,9 @@ find_package(OpenMP REQUIRED)                 # OpenMP::OpenMP_CXX
 find_package(nlohmann_json 3 REQUIRED)        # nlohmann_json::nlohmann_json
 find_package(CLI11 REQUIRED)                  # CLI11::CLI11
 find_package(fmt REQUIRED)                    # fmt::fmt
-find_package(MPI COMPONENTS CXX)              # MPI::MPI_CXX (the MPI comm backend; optional until it lands)
+find_package(MPI COMPONENTS CXX)              # MPI::MPI_CXX (the MPI comm backend; built when found)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(OPENBLAS REQUIRED IMPORTED_TARGET openblas)  # PkgConfig::OPENBLAS (cblas.h)
 if(PARITRON_TESTS)
   find_package(GTest REQUIRED)                # GTest::gtest GTest::gtest_main
   find_package(rapidcheck REQUIRED)           # rapidcheck rapidcheck_gtest (no version file)
