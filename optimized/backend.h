@@ -64,7 +64,8 @@ enum class ActivationKind : uint8_t {
 //   window (left, right): masked when k_pos < q_pos - left or k_pos > q_pos + right
 //   (Megatron's sliding window; left/right < 0 mean unbounded);
 //   explicit: mask[bi, head?, q_pos, k_pos] != 0 means masked, a [b or 1,
-//   np_global or 1, Sq, Sk] byte array (torch broadcasting), head index global.
+//   np_global or 1, Sq, Sk] byte array (torch broadcasting), head and batch
+//   indices global (head_offset + local head, batch_offset + local sequence).
 // Masked scores are set to `fill` (Megatron's -10000), not -inf: a fully
 // masked row is uniform, as in Megatron's torch softmax path.
 struct AttentionArgs {
@@ -83,9 +84,10 @@ struct AttentionArgs {
   // k_pos) of the global [b, np_global, Sq, Sk] tensor is kept iff
   // math::uniform_float(dropout_key, flat index) >= dropout_p, kept values scaled
   // by 1 / (1 - p) (reference/core.h dropout).
-  float dropout_p = 0.0f;
+  double dropout_p = 0.0;  // double: keep iff float u >= p, compared exactly as the reference does
   math::RngKey dropout_key{};
   int64_t head_offset = 0;   // global index of this rank's first head
+  int64_t batch_offset = 0;  // global index of this shard's first sequence (data parallel)
   int64_t heads_global = 0;  // np of the whole model (dropout indexing, explicit mask)
   int64_t sq_global = 0, sk_global = 0;  // Sq, Sk of the whole sequence
   // When the values' dtype is bf16/fp16: the probabilities fed to the PV
@@ -127,7 +129,7 @@ struct ActivationArgs {
 // contiguous globally: then the caller passes row_positions, the global row
 // of each local row).
 struct DropoutArgs {
-  float p = 0.0f;
+  double p = 0.0;  // double: keep iff float u >= p, compared exactly as the reference does
   math::RngKey key{};
   int64_t row_offset = 0;
   std::span<const int64_t> row_positions;  // overrides row_offset when not empty
@@ -147,6 +149,10 @@ class Backend {
   virtual Tensor download(const DTensor& t) = 0;
   // dst = src (same numel), rounded to dst's dtype: also the cast.
   virtual void copy(const DTensor& src, DTensor& dst) = 0;
+  // A block of columns: dst[:, dst_col + j] = src[:, src_col + j] for j < ncols,
+  // both seen as 2-D [rows, cols] with equal rows (rounded to dst's dtype).
+  // Splits Megatron's per-group fused QKV into q, k, v and merges gradients back.
+  virtual void copy_cols(const DTensor& src, int64_t src_col, DTensor& dst, int64_t dst_col, int64_t ncols) = 0;
   virtual void fill(DTensor& t, double value) = 0;
   virtual void synchronize() = 0;
 

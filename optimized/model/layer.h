@@ -1,0 +1,65 @@
+// TransformerLayer and TransformerBlock (one pipeline stage's layers, then the
+// final norm), forward and backward, on SP-local hidden states.
+//
+// Megatron: megatron/core/transformer/transformer_layer.py,
+// transformer_block.py; spec §8; reference/transformer_layer.h and
+// transformer_block.h (the residual is always the sub-block's input; a
+// submodule without parameters is IdentityOp).
+//   residual = x;  a = input_layernorm(x);  (o, ob) = self_attention(a)
+//   x = residual + dropout(o + ob)                       self_attn_bda
+//   residual = x;  m = pre_mlp_layernorm(x); (o, ob) = mlp(m)   (MoE when num_moe_experts)
+//   x = residual + dropout(o + ob)                       mlp_bda
+// Under sequence parallelism norms and bias-dropout-add run on the SP-local
+// rows, so the norms' and the row-parallel biases' gradients are partial
+// sums, all-reduced over TP after the backward (GradReduce::kTensorIfSequence).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "optimized/model/attention.h"
+#include "optimized/model/context.h"
+#include "optimized/model/mlp.h"
+#include "optimized/model/moe.h"
+
+namespace paritron::opt {
+
+struct NormSaved {
+  DTensor input, mean, rstd;
+};
+// prefix: the norm's keys ("input_layernorm."); te_kernel: TENorm (1 + w in fp32).
+DTensor norm_forward(ModelContext& m, const std::string& prefix, const DTensor& x, bool te_kernel, NormSaved& saved);
+DTensor norm_backward(ModelContext& m, const std::string& prefix, const DTensor& dy, bool te_kernel,
+                      NormSaved& saved);
+
+struct LayerSaved {
+  NormSaved input_norm, pre_mlp_norm;
+  AttentionSaved attention;
+  MlpSaved mlp;
+  MoeSaved moe;
+};
+
+// prefix: "" (a layer case) or "layers.N."; layer_number: 1-based global.
+DTensor transformer_layer_forward(ModelContext& m, const std::string& prefix, int64_t layer_number, const DTensor& x,
+                                  const TokenLayout& tokens, const LayerArgs& args, LayerSaved& saved);
+DTensor transformer_layer_backward(ModelContext& m, const std::string& prefix, const DTensor& dy,
+                                   const TokenLayout& tokens, LayerSaved& saved);
+
+// One pipeline stage (model chunk) of a transformer_block case: its global
+// layers in order, and the final norm when it is the last stage and the case
+// has final_layernorm weights.
+struct StagePlan {
+  std::vector<int64_t> layers;  // 0-based global layer indices
+  bool final_norm = false;
+};
+struct StageSaved {
+  std::vector<LayerSaved> layers;
+  NormSaved final_norm;
+};
+DTensor block_stage_forward(ModelContext& m, const StagePlan& plan, const DTensor& x, const TokenLayout& tokens,
+                            const LayerArgs& args, StageSaved& saved);
+DTensor block_stage_backward(ModelContext& m, const StagePlan& plan, const DTensor& dy, const TokenLayout& tokens,
+                             StageSaved& saved);
+
+}  // namespace paritron::opt
