@@ -13,6 +13,7 @@
 #include "common/module_params.h"
 #include "optimized/comm/comm.h"
 #include "optimized/comm/run_ranks.h"
+#include "optimized/comm/thread_comm.h"
 #include "optimized/model/gather.h"
 #include "optimized/model/layer.h"
 #include "optimized/model/pipeline.h"
@@ -152,8 +153,16 @@ void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
     const int64_t expert = expert_of_key(key);
     if (expert >= 0 && expert / per_rank != p.ps.coord.ep) continue;
     auto spec = catalogue.find(key);
+    if (spec == catalogue.end() && c.config.num_moe_experts && key.size() >= 11 &&
+        key.compare(key.size() - 11, 11, "router.bias") == 0) {
+      // router.bias (core 0.15+, add_bias_linear): replicated like the router weight.
+      ParamSpec bias;
+      bias.key = key;
+      bias.shape = {*c.config.num_moe_experts};
+      spec = catalogue.emplace(key, bias).first;
+    }
     if (spec == catalogue.end()) {
-      throw Error(fmt::format("{}: not a parameter the optimized {} knows (router.bias, expert_bias, GroupedMLP "
+      throw Error(fmt::format("{}: not a parameter the optimized {} knows (router.expert_bias, GroupedMLP "
                               "weights and cross attention are not supported there yet)",
                               name, c.component));
     }
@@ -255,8 +264,9 @@ std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelCo
   if (pc.pipeline_model_parallel_size > 1 && c.component != "transformer_block") {
     issues.push_back(fmt::format("pipeline parallelism splits a transformer_block's layers; {} has none", c.component));
   }
-  if ((c.component == "layernorm" || c.component == "rmsnorm" || c.component == "mlp") && cp > 1) {
-    // Token-wise components run with CP too: the chunks are just other tokens.
+  if (c.config.num_moe_experts && tp > 1 &&
+      (c.component == "moe_layer" || c.component == "transformer_layer" || c.component == "transformer_block")) {
+    issues.push_back("MoE with tensor_model_parallel_size > 1 is not supported by the optimized side yet");
   }
   if (has_input(c, "context") || has_input(c, "key_value_states")) {
     issues.push_back("cross attention is not run by the optimized side yet");
@@ -340,6 +350,53 @@ OptimizedResult run_optimized(const Case& c, const ParallelConfig& pc, const Opt
       },
       o.timeout);
   return result;
+}
+
+struct SingleRankModel::Impl {
+  ThreadWorld world{1};
+  Case c;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<ModelContext> m;
+  RankPlan plan;
+  TokenLayout tokens;
+  LayerArgs args;
+  DTensor x, dy;
+};
+
+SingleRankModel::SingleRankModel(const Case& c, const OptimizedOptions& o) : impl_(std::make_unique<Impl>()) {
+  Impl& i = *impl_;
+  i.c = c;
+  if (c.component == "transformer_block" || !optimized_supports(c.component)) {
+    throw Error(fmt::format("SingleRankModel runs layer-like components, not {}", c.component));
+  }
+  const ParallelConfig pc;
+  i.plan = plan_rank(i.c, pc, 0, o);
+  i.backend = make_backend(o.backend);
+  i.m = std::make_unique<ModelContext>(*i.backend, i.world.comm(0), i.plan.ps, c.config, o.dtype);
+  i.m->training = c.training;
+  i.m->seed = c.seed.value_or(0);
+  load_params(*i.m, i.c, i.plan);
+  i.tokens = token_layout(i.plan, 0);
+  i.args = layer_args(i.c);
+  i.x = i.backend->upload(take_rows(case_input(i.c, "hidden_states"), i.tokens.hidden_token_rows()), o.dtype);
+  if (has_input(i.c, "grad_output")) {
+    i.dy = i.backend->upload(take_rows(case_input(i.c, "grad_output"), i.tokens.hidden_token_rows()), o.dtype);
+  }
+}
+
+SingleRankModel::~SingleRankModel() = default;
+
+void SingleRankModel::forward() {
+  ComponentRun run{*impl_->m, impl_->c, {}, {}};
+  run.forward(impl_->x, impl_->tokens, impl_->args);
+}
+
+void SingleRankModel::forward_backward() {
+  Impl& i = *impl_;
+  if (!i.dy.defined()) throw Error("forward_backward needs inputs.grad_output");
+  ComponentRun run{*i.m, i.c, {}, {}};
+  run.forward(i.x, i.tokens, i.args);
+  run.backward(i.dy, nullptr, i.tokens);
 }
 
 }  // namespace paritron::opt

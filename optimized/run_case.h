@@ -22,6 +22,7 @@
 
 #include <chrono>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -61,5 +62,22 @@ OptimizedResult run_optimized(const Case& c, const ParallelConfig& pc, const Opt
 // calls it). Rank 0's result holds the gathered tensors; the others' are empty.
 OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, const OptimizedOptions& options,
                                    Comm& comm);
+
+// A case on one rank with its weights loaded once, for benchmarks: forward
+// and forward+backward of the case's inputs without the loading and gathering
+// that run_optimized does around them.
+class SingleRankModel {
+ public:
+  SingleRankModel(const Case& c, const OptimizedOptions& options = {});
+  ~SingleRankModel();
+  SingleRankModel(const SingleRankModel&) = delete;
+  SingleRankModel& operator=(const SingleRankModel&) = delete;
+  void forward();
+  void forward_backward();  // needs inputs.grad_output; weight gradients accumulate
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace paritron::opt

@@ -148,6 +148,7 @@ void add_moe_pieces(Pieces& pieces, ModelContext& m, const MoeSaved& moe, const 
     pieces.push_back(std::move(p));
   };
   rows_piece("outputs.router_logits", moe.router_logits);
+  if (moe.router_probs) rows_piece("outputs.router_probs", *moe.router_probs);
   rows_piece("outputs.router_scores", moe.router_scores);
   rows_piece("outputs.router_indices", moe.router_indices);
   if (moe.output_bias.defined()) add_rows_piece(pieces, m, "outputs.output_bias", moe.output_bias, tokens, m.ps.coord.tp);

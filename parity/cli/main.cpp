@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   register_config(app, action);
   register_case(app, action);
   register_check(app, action);
+  register_optimized(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
