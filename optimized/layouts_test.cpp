@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 
 #include "common/transformer_config.h"
+#include "optimized/comm/run_ranks.h"
 #include "optimized/run_case.h"
 #include "reference/make_case.h"
 #include "reference/run_case.h"
@@ -141,6 +142,30 @@ TEST(OptimizedLayouts, VirtualPipeline) {
 TEST(OptimizedLayouts, Float32AgainstTruth) {
   check({"transformer_layer", kLlama, "tp2-sp", 8, 2, true}, DType::F32);
   check({"transformer_block", kGpt, "tp2-pp2-dp2", 8, 4}, DType::F32);
+}
+
+// A rank that dies mid-run ends the run on every rank with its error, within
+// the timeout, never a hang (the others are waiting in collectives).
+TEST(OptimizedLayouts, ADeadRankEndsTheRunWithItsError) {
+  const Case c = make({"transformer_layer", kGpt, "tp2-dp2"});
+  const ParallelConfig pc = ParallelConfig::parse_layout("tp2-dp2");
+  OptimizedOptions o;
+  o.timeout = std::chrono::seconds(20);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    run_on_threads(
+        4,
+        [&](Comm& comm) {
+          if (comm.rank() == 3) throw Error("rank 3 lost its accelerator");
+          run_optimized_rank(c, pc, o, comm);
+        },
+        o.timeout);
+    FAIL() << "the run succeeded without rank 3";
+  } catch (const RankFailed& e) {
+    EXPECT_EQ(e.rank(), 3);
+    EXPECT_NE(std::string(e.what()).find("lost its accelerator"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
 TEST(OptimizedLayouts, BadLayoutsAreExplained) {

@@ -234,6 +234,11 @@ struct ComponentRun {
 
 }  // namespace
 
+int64_t optimized_micro_batches(const Case& c, const ParallelConfig& pc, const OptimizedOptions& o) {
+  const int64_t b_local = case_input(c, "hidden_states").shape()[1] / pc.data_parallel_size;
+  return pick_micro_batches(b_local, pc.pipeline_model_parallel_size, o.micro_batches);
+}
+
 bool optimized_supports(const std::string& component) { return supported_components().count(component) > 0; }
 
 std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelConfig& pc) {

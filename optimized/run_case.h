@@ -52,6 +52,10 @@ struct OptimizedResult {
 // The components the optimized side runs.
 bool optimized_supports(const std::string& component);
 
+// The pipeline micro-batches each data-parallel rank runs (options.micro_batches,
+// or the default rule). Each is a token group of its own for a MoE router.
+int64_t optimized_micro_batches(const Case& c, const ParallelConfig& pc, const OptimizedOptions& options);
+
 // Everything a case and a layout must satisfy to run; empty when it runs.
 std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelConfig& pc);
 

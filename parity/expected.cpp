@@ -60,11 +60,15 @@ bool token_coupled(const Case& c) {
          cfg.moe_expert_capacity_factor.has_value() || cfg.moe_router_load_balancing_type == "sinkhorn";
 }
 
-ref::ReferenceResult expected_for_layout(const Case& c, const ParallelConfig& pc,
+ref::ReferenceResult expected_for_layout(const Case& c, const ParallelConfig& pc, int64_t micro_batches,
                                          const ref::ReferenceOptions& options) {
-  const int64_t dp = pc.data_parallel_size;
+  const int64_t dp = pc.data_parallel_size * micro_batches;  // token groups along the batch
   const bool splits_sequences = pc.context_parallel_size > 1 || (pc.sequence_parallel && pc.tensor_model_parallel_size > 1);
   if (!token_coupled(c) || (dp == 1 && !splits_sequences)) return ref::run_reference(c, options);
+  if (c.tensors.at("inputs.hidden_states").shape()[1] % dp != 0) {
+    throw Error(fmt::format("{} data-parallel ranks x {} micro-batches do not divide the batch", pc.data_parallel_size,
+                            micro_batches));
+  }
   if (splits_sequences) {
     throw Error(fmt::format("{} on {}: the MoE router's capacity / aux loss / z-loss / jitter are computed per "
                             "rank's tokens, and context or sequence parallelism cuts sequences into token "

@@ -100,7 +100,7 @@ Outcome run_case(const std::string& file, const ParallelConfig& pc, const opt::O
       got = opt::run_optimized(c, pc, o);
     }
     if (comm && comm->rank() != 0) return out;
-    const ref::ReferenceResult want = parity::expected_for_layout(c, pc);
+    const ref::ReferenceResult want = parity::expected_for_layout(c, pc, opt::optimized_micro_batches(c, pc, o));
     for (const auto& [name, expected] : want.tensors) {
       if (name.rfind("outputs.intermediate.", 0) == 0) continue;
       auto it = got.tensors.find(name);
