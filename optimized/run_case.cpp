@@ -292,6 +292,9 @@ OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, cons
   const RankPlan plan = plan_rank(c, pc, comm.rank(), o);
   std::unique_ptr<Backend> backend = make_backend(o.backend);
   ModelContext m(*backend, comm, plan.ps, c.config, o.dtype);
+  // A norm case names its kind; the config's `normalization` is for layers.
+  if (c.component == "layernorm") m.cfg.normalization = "LayerNorm";
+  if (c.component == "rmsnorm") m.cfg.normalization = "RMSNorm";
   m.training = c.training;
   m.seed = c.seed.value_or(0);
   comm.set_timeout(o.timeout);
