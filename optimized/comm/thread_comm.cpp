@@ -179,15 +179,41 @@ ThreadComm::Session ThreadComm::enter(const Group& g, Post post) {
   return session;
 }
 
-void ThreadComm::all_reduce(DTensor& t, const Group& g) {
-  Post p;
-  p.op = "all_reduce";
+namespace {
+
+// What a member posts for a collective reading `in` and writing `out`.
+ThreadComm::Post in_out_post(const char* op, const DTensor& in, DTensor& out) {
+  ThreadComm::Post p;
+  p.op = op;
+  p.has_in = p.has_out = true;
+  p.dtype = in.dtype();
+  p.storage = in.storage_dtype();
+  p.out_dtype = out.dtype();
+  p.out_storage = out.storage_dtype();
+  p.in_shape = in.shape();
+  p.out_shape = out.shape();
+  p.in = in.data();
+  p.out = out.data();
+  return p;
+}
+
+// ... and for one working in place on t.
+ThreadComm::Post in_place_post(const char* op, DTensor& t) {
+  ThreadComm::Post p;
+  p.op = op;
   p.has_in = true;
   p.dtype = t.dtype();
   p.storage = t.storage_dtype();
   p.in_shape = t.shape();
   p.in = t.data();
   p.out = t.data();
+  return p;
+}
+
+}  // namespace
+
+void ThreadComm::all_reduce(DTensor& t, const Group& g) {
+  Post p = in_place_post("all_reduce", t);
   Session s = enter(g, std::move(p));
   const int64_t n = g.size(), me = g.index, numel = t.numel();
   const int64_t begin = numel * me / n, end = numel * (me + 1) / n;
@@ -203,17 +229,7 @@ void ThreadComm::all_reduce(DTensor& t, const Group& g) {
 }
 
 void ThreadComm::all_gather(const DTensor& in, DTensor& out, const Group& g) {
-  Post p;
-  p.op = "all_gather";
-  p.has_in = p.has_out = true;
-  p.dtype = in.dtype();
-  p.storage = in.storage_dtype();
-  p.out_dtype = out.dtype();
-  p.out_storage = out.storage_dtype();
-  p.in_shape = in.shape();
-  p.out_shape = out.shape();
-  p.in = in.data();
-  p.out = out.data();
+  Post p = in_out_post("all_gather", in, out);
   Session s = enter(g, std::move(p));
   const size_t bytes = in.nbytes();
   for (int64_t i = 0; i < g.size(); ++i) {
@@ -223,17 +239,7 @@ void ThreadComm::all_gather(const DTensor& in, DTensor& out, const Group& g) {
 }
 
 void ThreadComm::reduce_scatter(const DTensor& in, DTensor& out, const Group& g) {
-  Post p;
-  p.op = "reduce_scatter";
-  p.has_in = p.has_out = true;
-  p.dtype = in.dtype();
-  p.storage = in.storage_dtype();
-  p.out_dtype = out.dtype();
-  p.out_storage = out.storage_dtype();
-  p.in_shape = in.shape();
-  p.out_shape = out.shape();
-  p.in = in.data();
-  p.out = out.data();
+  Post p = in_out_post("reduce_scatter", in, out);
   Session s = enter(g, std::move(p));
   const int64_t block = out.numel();
   std::vector<const void*> inputs;
@@ -243,17 +249,7 @@ void ThreadComm::reduce_scatter(const DTensor& in, DTensor& out, const Group& g)
 
 void ThreadComm::all_to_all_v(const DTensor& in, std::span<const int64_t> send_rows, DTensor& out,
                               std::span<const int64_t> recv_rows, const Group& g) {
-  Post p;
-  p.op = "all_to_all_v";
-  p.has_in = p.has_out = true;
-  p.dtype = in.dtype();
-  p.storage = in.storage_dtype();
-  p.out_dtype = out.dtype();
-  p.out_storage = out.storage_dtype();
-  p.in_shape = in.shape();
-  p.out_shape = out.shape();
-  p.in = in.data();
-  p.out = out.data();
+  Post p = in_out_post("all_to_all_v", in, out);
   p.send_rows.assign(send_rows.begin(), send_rows.end());
   p.recv_rows.assign(recv_rows.begin(), recv_rows.end());
   Session s = enter(g, std::move(p));
@@ -286,14 +282,7 @@ std::vector<int64_t> ThreadComm::all_gather_ints(std::span<const int64_t> values
 }
 
 void ThreadComm::broadcast(DTensor& t, int64_t root_index, const Group& g) {
-  Post p;
-  p.op = "broadcast";
-  p.has_in = true;
-  p.dtype = t.dtype();
-  p.storage = t.storage_dtype();
-  p.in_shape = t.shape();
-  p.in = t.data();
-  p.out = t.data();
+  Post p = in_place_post("broadcast", t);
   p.root = root_index;
   Session s = enter(g, std::move(p));
   if (g.index != root_index && s.post(root_index).in != t.data()) {

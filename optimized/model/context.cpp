@@ -4,21 +4,9 @@
 
 #include "common/error.h"
 #include "common/rng.h"
+#include "optimized/comm/groups.h"
 
 namespace paritron::opt {
-namespace {
-
-Group group_of(const ParallelConfig& pc, GroupKind kind, int64_t rank, std::string name) {
-  Group g;
-  g.name = std::move(name);
-  g.ranks = group_members(pc, kind, rank);
-  for (size_t i = 0; i < g.ranks.size(); ++i) {
-    if (g.ranks[i] == rank) g.index = static_cast<int64_t>(i);
-  }
-  return g;
-}
-
-}  // namespace
 
 ParallelState make_parallel_state(const ParallelConfig& pc, int64_t rank) {
   pc.validate();
@@ -27,13 +15,13 @@ ParallelState make_parallel_state(const ParallelConfig& pc, int64_t rank) {
   s.rank = rank;
   s.coord = rank_coordinates(pc, rank);
   s.world = world_group(pc.world_size(), rank);
-  s.tp = group_of(pc, GroupKind::kTensor, rank, "tp");
-  s.cp = group_of(pc, GroupKind::kContext, rank, "cp");
-  s.dp = group_of(pc, GroupKind::kData, rank, "dp");
-  s.dp_cp = group_of(pc, GroupKind::kDataWithContext, rank, "dp_cp");
-  s.pp = group_of(pc, GroupKind::kPipeline, rank, "pp");
-  s.ep = group_of(pc, GroupKind::kExpert, rank, "ep");
-  s.edp = group_of(pc, GroupKind::kDataModuloExpert, rank, "edp");
+  s.tp = make_group(pc, GroupKind::kTensor, rank);
+  s.cp = make_group(pc, GroupKind::kContext, rank);
+  s.dp = make_group(pc, GroupKind::kData, rank);
+  s.dp_cp = make_group(pc, GroupKind::kDataWithContext, rank);
+  s.pp = make_group(pc, GroupKind::kPipeline, rank);
+  s.ep = make_group(pc, GroupKind::kExpert, rank);
+  s.edp = make_group(pc, GroupKind::kDataModuloExpert, rank);
   return s;
 }
 
