@@ -1,18 +1,36 @@
 // The CPU backend's kernels (optimized/cpu/cpu_backend.h) at a layer's shapes
-// (tokens 2048, hidden 1024, ffn 4096), against a bare OpenBLAS GEMM and the
-// float64 reference components (reference/*.h), for the targets:
-// linear layers >= 80% of a bare GEMM of the same shape, and the fused kernels'
-// speed-up over the reference.
+// (tokens 2048, hidden 1024, ffn 4096), against a bare multithreaded OpenBLAS
+// SGEMM of the same shape and the float64 reference components
+// (reference/*.h), for the targets: linear layers >= 80% of a bare
+// GEMM of the same shape, and the fused kernels' speed-up over the reference.
 //
-//   build/release/bench/cpu_kernels_bench --benchmark_min_time=1
-// Counters: GFLOP/s for GEMMs; GB/s for the memory-bound kernels, counting the
-// bytes of fp32 storage the kernel must read and write (the reference runs on
-// the same logical tensors, so the ratio of the counters is the speed-up).
+// Names and counters follow bench/README.md (<component>/<impl>/<shape>/<dtype>):
+//   gemm/bare_gemm/m<T>_n<out>_k<in>/fp32      cblas_sgemm, OpenBLAS threads = omp_get_max_threads()
+//   linear_fwd/{reference,optimized}/m<T>_n<out>_k<in>/{fp64,fp32,bf16}   y = x W^T + b
+//   layernorm_fwd, layernorm_bwd, rope_fwd, bias_gelu_fwd (fused tanh form),
+//   bias_gelu_erf_fwd (erf gelu + bias, the layer's default), swiglu_fwd
+//   (bias + silu GLU, input [T, 2h] -> output [T, h]), bias_dropout_add_fwd
+//   (p = 0.1, training) / {reference,optimized} / n2048_h1024 / {fp64,fp32,bf16}
+// Counters, plain per-iteration values: `flops` (2 m n k) for GEMMs and
+// linears; `bytes` = the bytes of the main tensors the kernel must read and
+// write, at the row's element size (fp64 8, fp32 4, bf16 2), so GB/s in the
+// table JSON is the effective bandwidth of that storage.
+//
+// The CPU backend runs OpenBLAS single-threaded inside its own OpenMP team
+// (cpu_backend.cpp blocked_gemm); the bare_gemm rows set OpenBLAS's thread
+// count to omp_get_max_threads() first, so the ceiling is a fair bare
+// multithreaded cblas_sgemm, and set it back to 1 afterwards.
+//
+//   build/release/bench/cpu_kernels_bench --benchmark_filter=linear
 #include <benchmark/benchmark.h>
 #include <cblas.h>
+#include <omp.h>
 
 #include <random>
+#include <string>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "common/dtype.h"
 #include "common/rng.h"
@@ -20,6 +38,7 @@
 #include "reference/activations.h"
 #include "reference/bias_dropout_add.h"
 #include "reference/core.h"
+#include "reference/linear.h"
 #include "reference/norm.h"
 #include "reference/rotary_pos_emb.h"
 
@@ -31,6 +50,7 @@ using paritron::ref::Mat;
 
 constexpr int64_t kTokens = 2048;
 constexpr int64_t kHidden = 1024;
+const std::string kElementwiseShape = fmt::format("n{}_h{}", kTokens, kHidden);
 
 paritron::opt::cpu::CpuBackend& backend() {
   static paritron::opt::cpu::CpuBackend be;
@@ -50,73 +70,88 @@ DTensor up(const Mat& m, DType dtype, paritron::Shape shape = {}) {
   return backend().upload(paritron::ref::to_tensor(m, shape), dtype);
 }
 
-void gbps(benchmark::State& state, double bytes_per_iter) {
-  state.counters["GB/s"] = benchmark::Counter(bytes_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+const char* row_dtype(DType d) {
+  switch (d) {
+    case DType::F64: return "fp64";
+    case DType::F32: return "fp32";
+    case DType::BF16: return "bf16";
+    default: return "other";
+  }
 }
+double elem_bytes(DType d) { return d == DType::F64 ? 8.0 : d == DType::F32 ? 4.0 : 2.0; }
+
+void set_bytes(benchmark::State& state, double elements, DType d) { state.counters["bytes"] = elements * elem_bytes(d); }
 
 // ---------------------------------------------------------------------------
 // GEMM: y [T, out] = x [T, in] W[out, in]^T (+ b), Megatron's linear layout.
 
-void set_gflops(benchmark::State& state, int64_t m, int64_t n, int64_t k) {
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(m * n * k) * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
-}
+struct GemmShape {
+  int64_t in, out;
+  std::string name() const { return fmt::format("m{}_n{}_k{}", kTokens, out, in); }
+  double flops() const { return 2.0 * static_cast<double>(kTokens) * static_cast<double>(out) * static_cast<double>(in); }
+  double elements() const { return static_cast<double>(kTokens * in + out * in + kTokens * out); }
+};
+const GemmShape kGemmShapes[] = {{1024, 3072}, {1024, 1024}, {1024, 4096}, {4096, 1024}};
 
-void BM_BareSgemm(benchmark::State& state) {
-  const int64_t in = state.range(0), out = state.range(1);
-  std::vector<float> x(static_cast<size_t>(kTokens * in)), w(static_cast<size_t>(out * in)),
-      y(static_cast<size_t>(kTokens * out));
+void BM_BareSgemm(benchmark::State& state, GemmShape sh) {
+  openblas_set_num_threads(omp_get_max_threads());
+  std::vector<float> x(static_cast<size_t>(kTokens * sh.in)), w(static_cast<size_t>(sh.out * sh.in)),
+      y(static_cast<size_t>(kTokens * sh.out));
   std::mt19937 gen(1);
   std::normal_distribution<float> d;
   for (float& v : x) v = d(gen);
   for (float& v : w) v = d(gen);
   for (auto _ : state) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kTokens), static_cast<int>(out),
-                static_cast<int>(in), 1.0f, x.data(), static_cast<int>(in), w.data(), static_cast<int>(in), 0.0f,
-                y.data(), static_cast<int>(out));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kTokens), static_cast<int>(sh.out),
+                static_cast<int>(sh.in), 1.0f, x.data(), static_cast<int>(sh.in), w.data(), static_cast<int>(sh.in),
+                0.0f, y.data(), static_cast<int>(sh.out));
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  set_gflops(state, kTokens, out, in);
+  state.counters["flops"] = sh.flops();
+  state.counters["openblas_threads"] = openblas_get_num_threads();
+  set_bytes(state, sh.elements(), DType::F32);
+  openblas_set_num_threads(1);  // as the backend keeps it
 }
 
-// Backend::gemm with the bias epilogue; range(2): 0 = fp32, 1 = bf16 values
-// (fp32 accumulation, output rounded to bf16).
-void BM_BackendLinear(benchmark::State& state) {
-  const int64_t in = state.range(0), out = state.range(1);
-  const DType dtype = state.range(2) ? DType::BF16 : DType::F32;
+// Backend::gemm with the bias epilogue; bf16: bf16 values, fp32 accumulation,
+// output rounded to bf16.
+void BM_OptimizedLinear(benchmark::State& state, GemmShape sh, DType dtype) {
   auto& be = backend();
-  const DTensor x = up(random_mat(kTokens, in, 1), dtype);
-  const DTensor w = up(random_mat(out, in, 2), dtype);
-  const DTensor b = up(random_mat(1, out, 3), dtype, {out});
-  DTensor y = be.empty(dtype, {kTokens, out});
+  const DTensor x = up(random_mat(kTokens, sh.in, 1), dtype);
+  const DTensor w = up(random_mat(sh.out, sh.in, 2), dtype);
+  const DTensor b = up(random_mat(1, sh.out, 3), dtype, {sh.out});
+  DTensor y = be.empty(dtype, {kTokens, sh.out});
   for (auto _ : state) {
     be.gemm(x, false, w, true, y, 1.0f, 0.0f, &b);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  set_gflops(state, kTokens, out, in);
+  state.counters["flops"] = sh.flops();
+  set_bytes(state, sh.elements(), dtype);
 }
 
-void linear_shapes(benchmark::internal::Benchmark* b) {
-  for (auto [in, out] : {std::pair<int64_t, int64_t>{1024, 3072}, {1024, 1024}, {1024, 4096}, {4096, 1024}}) {
-    b->Args({in, out});
+// The reference's linear_forward (float64, Eigen), bias added.
+void BM_ReferenceLinear(benchmark::State& state, GemmShape sh) {
+  paritron::ref::MatMap params{{"l.weight", random_mat(sh.out, sh.in, 2)}, {"l.bias", random_mat(1, sh.out, 3)}};
+  const Mat x = random_mat(kTokens, sh.in, 1);
+  const paritron::ref::Precision p = paritron::ref::truth_precision();
+  for (auto _ : state) {
+    Mat y = paritron::ref::linear_forward(paritron::ref::Params(params).sub("l"), x, true, p);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
+  state.counters["flops"] = sh.flops();
+  set_bytes(state, sh.elements(), DType::F64);
 }
-void linear_shapes_dtype(benchmark::internal::Benchmark* b) {
-  for (auto [in, out] : {std::pair<int64_t, int64_t>{1024, 3072}, {1024, 1024}, {1024, 4096}, {4096, 1024}}) {
-    b->Args({in, out, 0});
-    b->Args({in, out, 1});
-  }
-}
-BENCHMARK(BM_BareSgemm)->Apply(linear_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_BackendLinear)->Apply(linear_shapes_dtype)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // ---------------------------------------------------------------------------
-// LayerNorm forward [2048, 1024].
+// LayerNorm [2048, 1024]: forward reads x, writes y; backward reads x, dy,
+// writes dx (gamma/beta/statistics are O(h) or O(n), left out of `bytes`).
 
-void BM_BackendLayerNorm(benchmark::State& state) {
-  const DType dtype = state.range(0) ? DType::BF16 : DType::F32;
+constexpr double kNH = static_cast<double>(kTokens * kHidden);
+
+void BM_OptimizedLayerNorm(benchmark::State& state, DType dtype) {
   auto& be = backend();
   const DTensor x = up(random_mat(kTokens, kHidden, 4), dtype);
   const DTensor g = up(random_mat(1, kHidden, 5), dtype, {kHidden});
@@ -126,8 +161,9 @@ void BM_BackendLayerNorm(benchmark::State& state) {
   for (auto _ : state) {
     be.norm_forward(paritron::opt::NormArgs{}, x, g, &b, y, mean, rstd);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, 2 * kNH, dtype);
 }
 
 void BM_ReferenceLayerNorm(benchmark::State& state) {
@@ -138,25 +174,27 @@ void BM_ReferenceLayerNorm(benchmark::State& state) {
   for (auto _ : state) {
     auto f = paritron::ref::layernorm_forward(cfg, paritron::ref::Params(params).sub("ln"), x, p);
     benchmark::DoNotOptimize(f.output.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, 2 * kNH, DType::F64);
 }
 
-void BM_BackendLayerNormBackward(benchmark::State& state) {
+void BM_OptimizedLayerNormBackward(benchmark::State& state, DType dtype) {
   auto& be = backend();
-  const DTensor x = up(random_mat(kTokens, kHidden, 4), DType::BF16);
-  const DTensor dy = up(random_mat(kTokens, kHidden, 7), DType::BF16);
-  const DTensor g = up(random_mat(1, kHidden, 5), DType::BF16, {kHidden});
-  const DTensor b = up(random_mat(1, kHidden, 6), DType::BF16, {kHidden});
-  DTensor y = be.empty(DType::BF16, {kTokens, kHidden}), dx = be.empty(DType::BF16, {kTokens, kHidden});
+  const DTensor x = up(random_mat(kTokens, kHidden, 4), dtype);
+  const DTensor dy = up(random_mat(kTokens, kHidden, 7), dtype);
+  const DTensor g = up(random_mat(1, kHidden, 5), dtype, {kHidden});
+  const DTensor b = up(random_mat(1, kHidden, 6), dtype, {kHidden});
+  DTensor y = be.empty(dtype, {kTokens, kHidden}), dx = be.empty(dtype, {kTokens, kHidden});
   DTensor mean = be.empty(DType::F32, {kTokens}), rstd = be.empty(DType::F32, {kTokens});
   DTensor dg = be.zeros(DType::F32, {kHidden}), db = be.zeros(DType::F32, {kHidden});
   be.norm_forward(paritron::opt::NormArgs{}, x, g, &b, y, mean, rstd);
   for (auto _ : state) {
     be.norm_backward(paritron::opt::NormArgs{}, x, g, mean, rstd, dy, dx, dg, &db);
     benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 3.0 * kTokens * kHidden * 4);
+  set_bytes(state, 3 * kNH, dtype);
 }
 
 void BM_ReferenceLayerNormBackward(benchmark::State& state) {
@@ -170,19 +208,16 @@ void BM_ReferenceLayerNormBackward(benchmark::State& state) {
     auto dx = paritron::ref::layernorm_backward(cfg, paritron::ref::Params(params).sub("ln"), x, f, dy,
                                                 paritron::ref::Sink(grads).sub("ln"), p);
     benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 3.0 * kTokens * kHidden * 4);
+  set_bytes(state, 3 * kNH, DType::F64);
 }
-
-BENCHMARK(BM_BackendLayerNorm)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_ReferenceLayerNorm)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_BackendLayerNormBackward)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_ReferenceLayerNormBackward)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // ---------------------------------------------------------------------------
 // RoPE: s 1024, b 2, 16 heads of 64 ([2048, 1024] rows).
 
 constexpr int64_t kSeq = 1024, kBatch = 2, kHeads = 16, kHn = 64;
+static_assert(kSeq * kBatch == kTokens && kHeads * kHn == kHidden);
 
 Mat rope_freqs() {
   paritron::TransformerConfig cfg;
@@ -190,8 +225,7 @@ Mat rope_freqs() {
   return paritron::ref::rotary_freqs(cfg, kSeq);
 }
 
-void BM_BackendRope(benchmark::State& state) {
-  const DType dtype = state.range(0) ? DType::BF16 : DType::F32;
+void BM_OptimizedRope(benchmark::State& state, DType dtype) {
   auto& be = backend();
   const DTensor x = up(random_mat(kSeq * kBatch, kHeads * kHn, 8), dtype, {kSeq, kBatch, kHeads, kHn});
   const DTensor freqs = up(rope_freqs(), DType::F32);
@@ -200,8 +234,9 @@ void BM_BackendRope(benchmark::State& state) {
   for (auto _ : state) {
     be.rope(args, x, freqs, y, false);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, 2 * kNH, dtype);
 }
 
 void BM_ReferenceRope(benchmark::State& state) {
@@ -211,69 +246,74 @@ void BM_ReferenceRope(benchmark::State& state) {
   for (auto _ : state) {
     auto y = paritron::ref::apply_rotary_pos_emb_forward(x, kBatch, kHeads, freqs, false, p);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, 2 * kNH, DType::F64);
 }
 
-BENCHMARK(BM_BackendRope)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_ReferenceRope)->Unit(benchmark::kMicrosecond)->UseRealTime();
-
 // ---------------------------------------------------------------------------
-// Bias-gelu (fused tanh form) [2048, 1024].
+// Bias + activation [2048, 1024] (output): bias_gelu (fused tanh form),
+// bias + erf gelu, and bias + swiglu (input [2048, 2048]: gate half through
+// silu times the up half). Reference: the bias add and the activation as
+// reference/mlp.cpp computes them in float64 (activation_forward; the fused
+// GLU's activation_value(gate) * up per element).
 
-void BM_BackendBiasGelu(benchmark::State& state) {
-  const DType dtype = state.range(0) ? DType::BF16 : DType::F32;
+enum class Act { kBiasGeluTanh, kBiasGeluErf, kSwiglu };
+
+int64_t act_in_width(Act a) { return a == Act::kSwiglu ? 2 * kHidden : kHidden; }
+double act_elements(Act a) { return static_cast<double>(kTokens * (act_in_width(a) + kHidden)); }
+
+void BM_OptimizedBiasAct(benchmark::State& state, Act act, DType dtype) {
   auto& be = backend();
-  const DTensor x = up(random_mat(kTokens, kHidden, 9), dtype);
-  const DTensor b = up(random_mat(1, kHidden, 10), dtype, {kHidden});
+  const int64_t in_w = act_in_width(act);
+  const DTensor x = up(random_mat(kTokens, in_w, 9), dtype);
+  const DTensor b = up(random_mat(1, in_w, 10), dtype, {in_w});
   DTensor y = be.empty(dtype, {kTokens, kHidden});
-  const paritron::opt::ActivationArgs args{paritron::opt::ActivationKind::kBiasGeluTanh, false};
+  using paritron::opt::ActivationKind;
+  const paritron::opt::ActivationArgs args{act == Act::kBiasGeluTanh ? ActivationKind::kBiasGeluTanh
+                                           : act == Act::kBiasGeluErf ? ActivationKind::kGelu
+                                                                      : ActivationKind::kSilu,
+                                           act == Act::kSwiglu};
   for (auto _ : state) {
     be.bias_act_forward(args, x, &b, y);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, act_elements(act), dtype);
 }
 
-void BM_ReferenceBiasGelu(benchmark::State& state) {
-  const Mat x = random_mat(kTokens, kHidden, 9);
-  const Mat b = random_mat(1, kHidden, 10);
+void BM_ReferenceBiasAct(benchmark::State& state, Act act) {
+  using paritron::ref::Activation;
+  const int64_t in_w = act_in_width(act);
+  const Mat x = random_mat(kTokens, in_w, 9);
+  const Mat b = random_mat(1, in_w, 10);
   for (auto _ : state) {
     Mat a = x;
     a.rowwise() += b.row(0);
-    auto y = paritron::ref::activation_forward(paritron::ref::Activation::kBiasGeluTanh, a, DType::F64);
+    Mat y;
+    if (act == Act::kSwiglu) {
+      y.resize(kTokens, kHidden);
+      for (int64_t r = 0; r < kTokens; ++r) {
+        for (int64_t c = 0; c < kHidden; ++c) {
+          y(r, c) = paritron::ref::round_to(
+              paritron::ref::activation_value(Activation::kSilu, a(r, c)) * a(r, kHidden + c), DType::F64);
+        }
+      }
+    } else {
+      y = paritron::ref::activation_forward(act == Act::kBiasGeluTanh ? Activation::kBiasGeluTanh : Activation::kGelu,
+                                            a, DType::F64);
+    }
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 2.0 * kTokens * kHidden * 4);
+  set_bytes(state, act_elements(act), DType::F64);
 }
-
-// Other MLP activations at the same output shape [2048, 1024], bf16: range(0)
-// 0 = gelu (erf, Megatron's default), 1 = swiglu (silu GLU: input [2048, 2048]).
-void BM_BackendActivation(benchmark::State& state) {
-  const bool swiglu = state.range(0) == 1;
-  auto& be = backend();
-  const int64_t in_w = swiglu ? 2 * kHidden : kHidden;
-  const DTensor x = up(random_mat(kTokens, in_w, 9), DType::BF16);
-  const DTensor b = up(random_mat(1, in_w, 10), DType::BF16, {in_w});
-  DTensor y = be.empty(DType::BF16, {kTokens, kHidden});
-  const paritron::opt::ActivationArgs args{
-      swiglu ? paritron::opt::ActivationKind::kSilu : paritron::opt::ActivationKind::kGelu, swiglu};
-  for (auto _ : state) {
-    be.bias_act_forward(args, x, &b, y);
-    benchmark::DoNotOptimize(y.data());
-  }
-  gbps(state, static_cast<double>(kTokens * (in_w + kHidden) * 4));
-}
-
-BENCHMARK(BM_BackendBiasGelu)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_BackendActivation)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_ReferenceBiasGelu)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // ---------------------------------------------------------------------------
-// Bias-dropout-add [2048, 1024], p = 0.1 (training).
+// Bias-dropout-add [2048, 1024], p = 0.1 (training): reads x and the
+// residual, writes the output.
 
-void BM_BackendBiasDropoutAdd(benchmark::State& state) {
-  const DType dtype = state.range(0) ? DType::BF16 : DType::F32;
+void BM_OptimizedBiasDropoutAdd(benchmark::State& state, DType dtype) {
   auto& be = backend();
   const DTensor x = up(random_mat(kTokens, kHidden, 11), dtype);
   const DTensor r = up(random_mat(kTokens, kHidden, 12), dtype);
@@ -285,8 +325,9 @@ void BM_BackendBiasDropoutAdd(benchmark::State& state) {
   for (auto _ : state) {
     be.bias_dropout_add(args, x, &b, &r, y);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 3.0 * kTokens * kHidden * 4);
+  set_bytes(state, 3 * kNH, dtype);
 }
 
 void BM_ReferenceBiasDropoutAdd(benchmark::State& state) {
@@ -299,11 +340,50 @@ void BM_ReferenceBiasDropoutAdd(benchmark::State& state) {
   for (auto _ : state) {
     auto f = paritron::ref::bias_dropout_add_forward(x, b, r, 0.1, ctx, "dropout", p);
     benchmark::DoNotOptimize(f.output.data());
+    benchmark::ClobberMemory();
   }
-  gbps(state, 3.0 * kTokens * kHidden * 4);
+  set_bytes(state, 3 * kNH, DType::F64);
 }
 
-BENCHMARK(BM_BackendBiasDropoutAdd)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_ReferenceBiasDropoutAdd)->Unit(benchmark::kMicrosecond)->UseRealTime();
+// ---------------------------------------------------------------------------
+// Registration: one benchmark per row, named explicitly (no /Args suffixes).
+
+template <class Fn, class... A>
+void reg(const std::string& component, const char* impl, const std::string& shape, DType dtype,
+         benchmark::TimeUnit unit, Fn fn, A... args) {
+  const std::string name = fmt::format("{}/{}/{}/{}", component, impl, shape, row_dtype(dtype));
+  benchmark::RegisterBenchmark(name.c_str(), fn, args...)->Unit(unit)->UseRealTime();
+}
+
+const bool kRegistered = [] {
+  using benchmark::kMicrosecond;
+  using benchmark::kMillisecond;
+  for (const GemmShape& sh : kGemmShapes) {
+    reg("gemm", "bare_gemm", sh.name(), DType::F32, kMillisecond, BM_BareSgemm, sh);
+  }
+  for (const GemmShape& sh : kGemmShapes) {
+    reg("linear_fwd", "reference", sh.name(), DType::F64, kMillisecond, BM_ReferenceLinear, sh);
+    for (DType d : {DType::F32, DType::BF16}) {
+      reg("linear_fwd", "optimized", sh.name(), d, kMillisecond, BM_OptimizedLinear, sh, d);
+    }
+  }
+  const std::string& s = kElementwiseShape;
+  const DType opt_dtypes[] = {DType::F32, DType::BF16};
+  reg("layernorm_fwd", "reference", s, DType::F64, kMicrosecond, BM_ReferenceLayerNorm);
+  for (DType d : opt_dtypes) reg("layernorm_fwd", "optimized", s, d, kMicrosecond, BM_OptimizedLayerNorm, d);
+  reg("layernorm_bwd", "reference", s, DType::F64, kMicrosecond, BM_ReferenceLayerNormBackward);
+  for (DType d : opt_dtypes) reg("layernorm_bwd", "optimized", s, d, kMicrosecond, BM_OptimizedLayerNormBackward, d);
+  reg("rope_fwd", "reference", s, DType::F64, kMicrosecond, BM_ReferenceRope);
+  for (DType d : opt_dtypes) reg("rope_fwd", "optimized", s, d, kMicrosecond, BM_OptimizedRope, d);
+  for (auto [comp, act] : {std::pair<const char*, Act>{"bias_gelu_fwd", Act::kBiasGeluTanh},
+                           {"bias_gelu_erf_fwd", Act::kBiasGeluErf},
+                           {"swiglu_fwd", Act::kSwiglu}}) {
+    reg(comp, "reference", s, DType::F64, kMicrosecond, BM_ReferenceBiasAct, act);
+    for (DType d : opt_dtypes) reg(comp, "optimized", s, d, kMicrosecond, BM_OptimizedBiasAct, act, d);
+  }
+  reg("bias_dropout_add_fwd", "reference", s, DType::F64, kMicrosecond, BM_ReferenceBiasDropoutAdd);
+  for (DType d : opt_dtypes) reg("bias_dropout_add_fwd", "optimized", s, d, kMicrosecond, BM_OptimizedBiasDropoutAdd, d);
+  return true;
+}();
 
 }  // namespace

@@ -1,54 +1,95 @@
 // The float64 reference's speed on a whole transformer layer (issue #3's
 // target: hidden 1024, 16 heads, ffn 4096, seq 2048, batch 1, causal,
 // forward + backward in under a minute on the 2-core development machine),
-// and a small layer for quick regression tracking. Weights and inputs are
-// drawn once by make_case; each iteration runs forward and backward through
-// run_reference, exactly what `paritron check` does on a layer case.
+// forward only at the same shape, and a small layer for quick regression
+// tracking and the quick optimized/reference ratio. Each iteration is
+// run_reference on a layer case, what `paritron check` does: forward only
+// (ReferenceOptions::backward = false) or forward and backward of every
+// weight and the input.
 //
-//   build/release/bench/reference_layer_bench --benchmark_min_time=1
+// The case is built directly (Megatron-init weights from the counter-based
+// RNG, uniform inputs and grad_output, as optimized_layer_bench draws them,
+// stored in float64) rather than by make_case, which would run the
+// reference twice more to fill the expected outputs (~17 s at h1024).
+//
+// Names and counters follow bench/README.md:
+//   transformer_layer_{fwd,fwd_bwd}/reference/h<h>_a<np>_f<ffn>_s<s>_b1/fp64
+// with `flops` per iteration: forward GEMMs 2*s*(4h^2 + 2*h*f) and attention
+// 4*s^2*h (the full square: the reference does not skip the causal half);
+// forward + backward 3x.
+//
+//   build/release/bench/reference_layer_bench --benchmark_filter=h1024
 #include <benchmark/benchmark.h>
 
 #include <fmt/format.h>
 
+#include "common/init.h"
+#include "common/rng.h"
 #include "common/transformer_config.h"
-#include "reference/make_case.h"
 #include "reference/run_case.h"
 
 namespace {
 
-paritron::Case layer_case(int64_t hidden, int64_t heads, int64_t seq) {
-  paritron::ref::MakeCaseOptions o;
-  o.component = "transformer_layer";
-  o.config = paritron::config_from_json_text(
+using paritron::Case;
+using paritron::DType;
+using paritron::Tensor;
+
+Case layer_case(int64_t hidden, int64_t heads, int64_t ffn, int64_t seq) {
+  Case c;
+  c.component = "transformer_layer";
+  c.config = paritron::config_from_json_text(
                  fmt::format(R"({{"num_layers": 1, "hidden_size": {}, "num_attention_heads": {},
                      "ffn_hidden_size": {}, "hidden_dropout": 0.0, "attention_dropout": 0.0}})",
-                             hidden, heads, 4 * hidden))
+                             hidden, heads, ffn))
                  .config;
-  o.seq_length = seq;
-  o.micro_batch_size = 1;
-  o.backward = true;
-  o.taps = false;
-  return paritron::ref::make_case(o);
+  c.config_json = paritron::config_to_json_text(c.config);
+  for (auto& [key, t] : paritron::init_parameters("transformer_layer", c.config, 1, DType::F64)) {
+    c.tensors["weights." + key] = std::move(t);
+  }
+  for (const char* name : {"hidden_states", "grad_output"}) {
+    Tensor t(DType::F64, {seq, 1, hidden});
+    paritron::fill_uniform(t, paritron::rng_key(1, std::string("inputs.") + name), 0, -1.0, 1.0);
+    c.tensors[std::string("inputs.") + name] = std::move(t);
+  }
+  return c;
 }
 
-void BM_ReferenceLayerForwardBackward(benchmark::State& state) {
-  const int64_t hidden = state.range(0), heads = state.range(1), seq = state.range(2);
-  const paritron::Case c = layer_case(hidden, heads, seq);
+double forward_flops(double h, double f, double s) { return 2 * s * (4 * h * h + 2 * h * f) + 4 * s * s * h; }
+
+void run(benchmark::State& state, int64_t hidden, int64_t heads, int64_t ffn, int64_t seq, bool backward) {
+  const Case c = layer_case(hidden, heads, ffn, seq);
+  paritron::ref::ReferenceOptions options;
+  options.backward = backward;
   for (auto _ : state) {
-    const auto result = paritron::ref::run_reference(c);
+    const auto result = paritron::ref::run_reference(c, options);
+    if (backward && result.tensors.count("grads.inputs.hidden_states") == 0) {
+      state.SkipWithError("run_reference produced no grads.inputs.hidden_states");
+      break;
+    }
     benchmark::DoNotOptimize(result.tensors.size());
   }
-  // Model FLOPs of forward + backward (3x forward): GEMMs 2*s*(4h^2 + 2*h*4h) and
-  // attention 4*s^2*h (the full square: the reference does not skip the causal half).
-  const double s = static_cast<double>(seq), h = static_cast<double>(hidden);
-  const double flops = 3 * (2 * s * (4 * h * h + 8 * h * h) + 4 * s * s * h);
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double flops = forward_flops(static_cast<double>(hidden), static_cast<double>(ffn), static_cast<double>(seq));
+  state.counters["flops"] = backward ? 3 * flops : flops;
 }
 
-BENCHMARK(BM_ReferenceLayerForwardBackward)
-    ->Args({128, 4, 128})
-    ->Args({1024, 16, 2048})
-    ->Unit(benchmark::kSecond)
-    ->Iterations(1);
+// iterations 0: Google Benchmark's --benchmark_min_time decides.
+void register_layer(int64_t hidden, int64_t heads, int64_t ffn, int64_t seq, int iterations) {
+  const std::string shape = fmt::format("h{}_a{}_f{}_s{}_b1", hidden, heads, ffn, seq);
+  for (bool backward : {false, true}) {
+    const std::string name =
+        fmt::format("transformer_layer_{}/reference/{}/fp64", backward ? "fwd_bwd" : "fwd", shape);
+    auto* b = benchmark::RegisterBenchmark(name.c_str(),
+                                           [=](benchmark::State& s) { run(s, hidden, heads, ffn, seq, backward); })
+                  ->UseRealTime()
+                  ->Unit(benchmark::kMillisecond);
+    if (iterations > 0) b->Iterations(iterations);
+  }
+}
+
+const bool kRegistered = [] {
+  register_layer(128, 4, 512, 128, 0);
+  register_layer(1024, 16, 4096, 2048, 1);
+  return true;
+}();
 
 }  // namespace

@@ -210,6 +210,22 @@ class Backend {
   virtual void axpby(float alpha, const DTensor& a, float beta, const DTensor& b, DTensor& out) = 0;
   virtual double sum(const DTensor& t) = 0;
 
+  // --- fp8 (Transformer Engine delayed scaling, emulated; spec §12.3) -----
+  // The math is common/math/fp8.h (single source with the reference).
+  // amax: max |x| over the tensor with NaN elements ignored and every element
+  // first rounded to fp32 (TE's fmaxf reduction in fp32; fp8_amax_step);
+  // 0 for an empty tensor. The value is an fp32 number.
+  virtual double amax(const DTensor& t) = 0;
+  // out = q * (1 / scale) with q = fp8(RNE(float(x) * scale)), saturating to
+  // the format's max (E4M3, or E5M2 when e5m2): TE's scaled cast followed by
+  // the value an fp8 GEMM consumes. 1 / scale is one fp32 division (TE's
+  // scale_inv); q * scale_inv is formed exactly and rounded once to out's
+  // dtype, so an F32 out holds TE's cast_from_fp8 value (fp8_dequantise) and
+  // an F64 out the exact product (fp8_dequantise_exact), the two values
+  // reference/linear.cpp feeds its fp32 / float64 GEMMs. x and out have the
+  // same numel and may alias.
+  virtual void fp8_fake_quant(const DTensor& x, bool e5m2, float scale, DTensor& out) = 0;
+
   // --- MoE token routing ------------------------------------------------------
   // out[i] = x[rows[i]] (rows of the token-major x), out [rows.size(), h].
   virtual void gather_rows(const DTensor& x, std::span<const int64_t> rows, DTensor& out) = 0;

@@ -14,6 +14,7 @@
 #include "optimized/comm/comm.h"
 #include "optimized/comm/run_ranks.h"
 #include "optimized/comm/thread_comm.h"
+#include "optimized/model/attention.h"
 #include "optimized/model/gather.h"
 #include "optimized/model/layer.h"
 #include "optimized/model/pipeline.h"
@@ -22,8 +23,10 @@ namespace paritron::opt {
 namespace {
 
 const std::set<std::string>& supported_components() {
-  static const std::set<std::string> s = {"layernorm", "rmsnorm", "self_attention", "mlp",
-                                          "moe_layer", "transformer_layer", "transformer_block"};
+  static const std::set<std::string> s = {"layernorm",         "rmsnorm",          "self_attention",
+                                          "mlp",               "moe_router",       "moe_layer",        "transformer_layer",
+                                          "transformer_block", "dot_product_attention", "rotary_pos_emb",
+                                          "cross_attention"};
   return s;
 }
 
@@ -34,6 +37,21 @@ const Tensor& case_input(const Case& c, const std::string& name) {
 }
 
 bool has_input(const Case& c, const std::string& name) { return c.tensors.count("inputs." + name) > 0; }
+
+// Components on per-head tensors without linears: TP splits their heads,
+// and sequence parallelism (which shards the hidden states between linears)
+// leaves them as they are: Megatron runs core attention and RoPE on the
+// whole sequence of a TP rank's heads.
+bool is_heads_component(const std::string& component) {
+  return component == "dot_product_attention" || component == "rotary_pos_emb";
+}
+
+// The input whose [s, b, ...] token grid the layout splits.
+const char* token_input(const std::string& component) {
+  if (component == "dot_product_attention") return "query";
+  if (component == "rotary_pos_emb") return "t";
+  return "hidden_states";
+}
 
 // The layer index of a block key ("layers.3.mlp..." -> 3), or -1.
 int64_t layer_of_key(const std::string& key) {
@@ -67,16 +85,27 @@ struct RankPlan {
   std::vector<StagePlan> chunks;  // model chunks of this pipeline rank (one without a virtual pipeline)
   std::set<int64_t> layers;       // every layer this rank holds
   bool first_stage = true, last_stage = true;
+  bool sequence_rows = false;     // sequence parallel splits the hidden rows over TP
 };
 
-int64_t pick_micro_batches(int64_t b_local, int64_t pp, int64_t requested) {
+// fp8: each forward call quantises with the amax of its own tokens (TE's
+// single-step scale), so with several micro-batches every micro-batch would
+// have its own scales; the default keeps one micro-batch under fp8, and an
+// explicit request for more is refused (the reference expectation for it is
+// not built yet).
+int64_t pick_micro_batches(int64_t b_local, int64_t pp, int64_t requested, bool fp8) {
   if (requested > 0) {
     if (b_local % requested != 0) {
       throw Error(fmt::format("{} micro-batches do not divide the {} sequences of a data-parallel rank", requested, b_local));
     }
+    if (fp8 && requested > 1) {
+      throw Error(fmt::format("fp8 with {} micro-batches: each micro-batch's GEMM inputs would be quantised with its "
+                              "own amax, which the reference expectation does not model yet; use 1",
+                              requested));
+    }
     return requested;
   }
-  if (pp == 1) return 1;
+  if (pp == 1 || fp8) return 1;
   for (int64_t m = std::min(b_local, 2 * pp); m > 1; --m) {
     if (b_local % m == 0) return m;
   }
@@ -86,12 +115,13 @@ int64_t pick_micro_batches(int64_t b_local, int64_t pp, int64_t requested) {
 RankPlan plan_rank(const Case& c, const ParallelConfig& pc, int64_t rank, const OptimizedOptions& o) {
   RankPlan p;
   p.ps = make_parallel_state(pc, rank);
-  const Tensor& x = case_input(c, "hidden_states");
+  const Tensor& x = case_input(c, token_input(c.component));
   p.S = x.shape()[0];
   p.B = x.shape()[1];
   p.h = x.shape()[2];
+  p.sequence_rows = pc.sequence_parallel && !is_heads_component(c.component);
   const int64_t b_local = p.B / pc.data_parallel_size;
-  p.micro_batches = pick_micro_batches(b_local, pc.pipeline_model_parallel_size, o.micro_batches);
+  p.micro_batches = pick_micro_batches(b_local, pc.pipeline_model_parallel_size, o.micro_batches, c.config.fp8.has_value());
   const int64_t pp = pc.pipeline_model_parallel_size, pp_rank = p.ps.coord.pp;
   p.first_stage = pp_rank == 0;
   p.last_stage = pp_rank == pp - 1;
@@ -118,8 +148,8 @@ TokenLayout token_layout(const RankPlan& p, int64_t micro_batch) {
   t.batch_offset = p.ps.coord.dp * b_rank + micro_batch * t.b_local;
   t.seq = context_parallel_positions(p.S, pc.context_parallel_size, p.ps.coord.cp);
   const int64_t n = static_cast<int64_t>(t.seq.size());
-  t.sp_count = pc.sequence_parallel ? n / pc.tensor_model_parallel_size : n;
-  t.sp_begin = pc.sequence_parallel ? p.ps.coord.tp * t.sp_count : 0;
+  t.sp_count = p.sequence_rows ? n / pc.tensor_model_parallel_size : n;
+  t.sp_begin = p.sequence_rows ? p.ps.coord.tp * t.sp_count : 0;
   return t;
 }
 
@@ -138,7 +168,17 @@ Tensor take_rows(const Tensor& t, const std::vector<int64_t>& rows) {
 void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
   TransformerConfig plain = c.config;
   std::map<std::string, ParamSpec> catalogue;
-  for (ParamSpec& s : module_params(c.component, plain)) catalogue[s.key] = s;
+  if (!is_heads_component(c.component)) {  // dot_product_attention, rotary_pos_emb: no parameters
+    for (ParamSpec& s : module_params(c.component, plain)) catalogue[s.key] = s;
+  }
+  if (c.component == "transformer_layer" || c.component == "transformer_block") {
+    // The cross-attention submodules of encoder-decoder layers (not in the GPT catalogue).
+    const int64_t layers = c.component == "transformer_block" ? c.config.num_layers : 1;
+    for (int64_t l = 0; l < layers; ++l) {
+      const std::string prefix = c.component == "transformer_block" ? fmt::format("layers.{}.", l) : "";
+      for (ParamSpec& s : cross_attention_layer_params(plain, prefix)) catalogue[s.key] = s;
+    }
+  }
   const ParallelConfig& pc = p.ps.pc;
   const int64_t experts = c.config.num_moe_experts.value_or(1);
   const int64_t ep = pc.expert_model_parallel_size, per_rank = experts / ep;
@@ -162,8 +202,8 @@ void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
       spec = catalogue.emplace(key, bias).first;
     }
     if (spec == catalogue.end()) {
-      throw Error(fmt::format("{}: not a parameter the optimized {} knows (router.expert_bias, GroupedMLP "
-                              "weights and cross attention are not supported there yet)",
+      throw Error(fmt::format("{}: not a parameter the optimized {} knows (router.expert_bias and GroupedMLP "
+                              "weights are not supported there yet)",
                               name, c.component));
     }
     if (tensor.shape() != spec->second.shape) {
@@ -176,7 +216,11 @@ void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
     param.global_shape = tensor.shape();
     param.value = m.be.upload(slice_tp_shard(tensor, param.shard), m.dtype);
     param.grad = m.be.zeros(m.grad_dtype, param.shard.local_shape);
-    param.expert = expert >= 0;
+    // Megatron 0.5.0 reduces an expert's gradients over the data-modulo-expert
+    // group only under expert parallelism (layers.py:651, 898: allreduce =
+    // not (is_expert and expert_parallel)); with ep = 1 they are ordinary
+    // data-parallel (with CP: dp x cp) parameters.
+    param.expert = expert >= 0 && ep > 1;
     param.reduce = param.shard.axis == -1 ? GradReduce::kTensorIfSequence : GradReduce::kNone;
     m.params.emplace(key, std::move(param));
   }
@@ -190,6 +234,18 @@ LayerArgs layer_args(const Case& c) {
     const Tensor& t = case_input(c, "rotary_pos_emb");
     if (t.dtype() != DType::F32) throw Error("inputs.rotary_pos_emb must be F32 (RotaryEmbedding's angles are float32)");
     a.rotary_pos_emb = t;
+  }
+  if (c.component == "cross_attention") {
+    // The component's key_value_states and attention_mask are the layer's
+    // context and context_mask; its mask type is the case's when stated
+    // (CrossAttention's default: padding).
+    a.context = case_input(c, "key_value_states");
+    a.context_mask = a.attention_mask;
+    a.attention_mask.reset();
+    a.cross_attn_mask_type = c.attn_mask_type_given ? c.attn_mask_type : "padding";
+  } else {
+    if (has_input(c, "context")) a.context = case_input(c, "context");
+    if (has_input(c, "context_mask")) a.context_mask = case_input(c, "context_mask");
   }
   return a;
 }
@@ -218,25 +274,214 @@ struct ComponentRun {
     if (comp == "self_attention") {
       return output = self_attention_forward(m, "", "", c.layer_number, x, t, args, saved.attention);
     }
+    if (comp == "cross_attention") {
+      return output = cross_attention_forward(m, "", "", c.layer_number, x, t, args, saved.cross);
+    }
     if (comp == "mlp") return output = mlp_forward(m, "", x, saved.mlp);
     if (comp == "moe_layer") return output = moe_forward(m, "", "", x, t, saved.moe);
+    if (comp == "moe_router") {  // results in saved.moe (router outputs), no outputs.output
+      moe_router_forward(m, "", "", x, t, saved.moe);
+      return output = DTensor();
+    }
     return output = transformer_layer_forward(m, "", c.layer_number, x, t, args, saved);
   }
   DTensor backward(const DTensor& dy, const DTensor* dy_bias, const TokenLayout& t) {
     const std::string& comp = c.component;
     if (comp == "layernorm" || comp == "rmsnorm") return norm_backward(m, "", dy, false, saved.input_norm);
     if (comp == "self_attention") return self_attention_backward(m, "", dy, t, saved.attention);
+    if (comp == "cross_attention") return cross_attention_backward(m, "", dy, saved.cross);
     if (comp == "mlp") return mlp_backward(m, "", dy, saved.mlp);
     if (comp == "moe_layer") return moe_backward(m, "", dy, dy_bias, t, saved.moe);
+    if (comp == "moe_router") return moe_router_backward(m, "", dy, t, saved.moe);  // dy: d router_scores [T, k]
     return transformer_layer_backward(m, "", dy, t, saved);
   }
 };
 
+// Columns [col, col + n) of rows `rows` of an [S, B, ...] host tensor (seen
+// as [S * B, width]): a rank's heads of its tokens.
+Tensor take_block(const Tensor& t, const std::vector<int64_t>& rows, int64_t col, int64_t n) {
+  const int64_t width = t.numel() / (t.shape()[0] * t.shape()[1]);
+  Tensor out(t.dtype(), {static_cast<int64_t>(rows.size()), n});
+  const size_t elem = dtype_size(t.dtype()), bytes = static_cast<size_t>(n) * elem;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::copy_n(t.bytes().data() + (rows[i] * width + col) * static_cast<int64_t>(elem), bytes,
+                out.bytes().data() + i * bytes);
+  }
+  return out;
+}
+
+// The dot_product_attention and rotary_pos_emb cases: per-head inputs, TP
+// rank r holding heads [r * H / tp, (r + 1) * H / tp) of its tokens (its
+// data-parallel sequences, its context-parallel chunks).
+void run_heads_case(ModelContext& m, const Case& c, const std::vector<TokenLayout>& layouts, bool backward,
+                    Pieces& pieces) {
+  const int64_t tp = m.tp(), r = m.ps.coord.tp;
+  auto load = [&](const std::string& name, const std::vector<int64_t>& rows, int64_t heads, int64_t hn) {
+    return m.be.upload(take_block(case_input(c, name), rows, r * heads / tp * hn, heads / tp * hn), m.dtype);
+  };
+  if (c.component == "rotary_pos_emb") {
+    const Tensor& t = case_input(c, "t");
+    const int64_t S = t.shape()[0], B = t.shape()[1], H = t.shape()[2], d = t.shape()[3];
+    const Tensor& freqs = case_input(c, "freqs");
+    for (const TokenLayout& tl : layouts) {
+      const std::vector<int64_t> rows = tl.hidden_token_rows();
+      const DTensor f = m.be.upload(rotary_rows(freqs, tl.seq), DType::F32);
+      const RopeArgs rope{tl.b_local, H / tp, d, f.cols(), m.cfg.rotary_interleaved};
+      const DTensor x = load("t", rows, H, d);
+      DTensor y = m.empty({x.rows(), x.cols()});
+      m.be.rope(rope, x, f, y, false);
+      add_head_rows_piece(pieces, m, "outputs.output", y, rows, S * B, H, r * H / tp, d);
+      if (!backward) continue;
+      const DTensor dy = load("grad_output", rows, H, d);
+      DTensor dx = m.empty({dy.rows(), dy.cols()});
+      m.be.rope(rope, dy, f, dx, true);
+      add_head_rows_piece(pieces, m, "grads.inputs.t", dx, rows, S * B, H, r * H / tp, d);
+    }
+    return;
+  }
+  const Tensor& query = case_input(c, "query");
+  const Tensor& key = case_input(c, "key");
+  const int64_t S = query.shape()[0], B = query.shape()[1], np = query.shape()[2], hn = query.shape()[3];
+  const int64_t SK = key.shape()[0], ng = key.shape()[2];
+  const bool cp = m.ps.pc.context_parallel_size > 1;
+  const std::optional<Tensor> mask =
+      has_input(c, "attention_mask") ? std::optional<Tensor>(case_input(c, "attention_mask")) : std::nullopt;
+  for (const TokenLayout& tl : layouts) {
+    const std::vector<int64_t> q_rows = tl.hidden_token_rows();
+    // Keys: the CP rank's chunks (all-gathered in the core, sq == sk), else every position.
+    TokenLayout kv = tl;
+    if (!cp) {
+      kv.s_global = SK;
+      kv.seq.clear();
+      for (int64_t i = 0; i < SK; ++i) kv.seq.push_back(i);
+      kv.sp_begin = 0;
+      kv.sp_count = SK;
+    }
+    const std::vector<int64_t> kv_rows = kv.hidden_token_rows();
+    CoreAttentionCall call;
+    call.batch = tl.b_local;
+    call.batch_offset = tl.batch_offset;
+    call.b_global = B;
+    call.sq_global = S;
+    call.sk_global = SK;
+    call.q_pos = tl.seq;
+    call.gather_kv = cp;
+    call.mask_type = c.attn_mask_type;
+    call.mask = mask ? &*mask : nullptr;
+    call.layer_number = c.layer_number;
+    AttentionSaved saved;
+    const DTensor context = core_attention_forward(m, call, load("query", q_rows, np, hn), load("key", kv_rows, ng, hn),
+                                                   load("value", kv_rows, ng, hn), saved);
+    add_head_rows_piece(pieces, m, "outputs.output", context, q_rows, S * B, np, r * np / tp, hn);
+    if (!backward) continue;
+    DTensor dk, dv;
+    const DTensor dq = core_attention_backward(m, load("grad_output", q_rows, np, hn), saved, dk, dv);
+    add_head_rows_piece(pieces, m, "grads.inputs.query", dq, q_rows, S * B, np, r * np / tp, hn);
+    add_head_rows_piece(pieces, m, "grads.inputs.key", dk, kv_rows, SK * B, ng, r * ng / tp, hn);
+    add_head_rows_piece(pieces, m, "grads.inputs.value", dv, kv_rows, SK * B, ng, r * ng / tp, hn);
+  }
+}
+
+// What a dot_product_attention or rotary_pos_emb case and a layout must satisfy.
+std::vector<std::string> heads_case_issues(const Case& c, const ParallelConfig& pc) {
+  std::vector<std::string> issues;
+  const int64_t tp = pc.tensor_model_parallel_size, cp = pc.context_parallel_size;
+  auto tensor4 = [&](const std::string& name) -> const Tensor* {
+    auto it = c.tensors.find("inputs." + name);
+    if (it == c.tensors.end() || it->second.dim() != 4) {
+      issues.push_back(fmt::format("the case needs a 4-D inputs.{}", name));
+      return nullptr;
+    }
+    return &it->second;
+  };
+  if (c.component == "rotary_pos_emb") {
+    const Tensor* t = tensor4("t");
+    const Tensor* f = tensor4("freqs");
+    if (!t || !f) return issues;
+    const Shape& ts = t->shape();
+    const Shape& fs = f->shape();
+    if (fs[0] != ts[0] || fs[1] != 1 || fs[2] != 1 || fs[3] > ts[3] || fs[3] % 2 != 0) {
+      issues.push_back(fmt::format("inputs.freqs has shape {}, expected [{}, 1, 1, rot_dim] with an even rot_dim <= {}",
+                                   shape_string(fs), ts[0], ts[3]));
+    }
+    if (f->dtype() != DType::F32) {
+      issues.push_back(fmt::format("inputs.freqs is {}: the optimized RoPE takes float32 angles (RotaryEmbedding's)",
+                                   dtype_name(f->dtype())));
+    }
+    if (ts[2] % tp != 0) {
+      issues.push_back(fmt::format("tensor parallel splits t's {} heads: tensor_model_parallel_size {} must divide them",
+                                   ts[2], tp));
+    }
+    return issues;
+  }
+  const Tensor* q = tensor4("query");
+  const Tensor* k = tensor4("key");
+  const Tensor* v = tensor4("value");
+  if (!q || !k || !v) return issues;
+  const int64_t np = c.config.num_attention_heads, ng = c.config.num_query_groups.value_or(np);
+  const int64_t hn = c.config.kv_channels.value_or(c.config.hidden_size / np);
+  const Shape& qs = q->shape();
+  const Shape& ks = k->shape();
+  if (qs[2] != np || qs[3] != hn || ks[2] != ng || ks[3] != hn || v->shape() != ks || ks[1] != qs[1]) {
+    issues.push_back(fmt::format("inputs.query {} and key/value {} / {}: expected [sq, b, {}, {}] and [sk, b, {}, {}]",
+                                 shape_string(qs), shape_string(ks), shape_string(v->shape()), np, hn, ng, hn));
+  }
+  if (np % tp != 0 || ng % tp != 0) {
+    issues.push_back(fmt::format("tensor parallel splits the {} query heads and {} key/value groups: "
+                                 "tensor_model_parallel_size {} must divide both",
+                                 np, ng, tp));
+  }
+  if (cp > 1 && qs[0] != ks[0]) {
+    issues.push_back(fmt::format("context parallel splits queries and keys alike (chunks r and 2cp-1-r, keys and "
+                                 "values all-gathered): it needs sq == sk (got sq = {}, sk = {})",
+                                 qs[0], ks[0]));
+  }
+  return issues;
+}
+
+// Cross attention (a cross_attention case, or layers with cross-attention
+// weights and inputs.context).
+std::vector<std::string> cross_attention_issues(const Case& c, const ParallelConfig& pc) {
+  std::vector<std::string> issues;
+  bool weights = c.component == "cross_attention";
+  for (const auto& [name, t] : c.tensors) {
+    if (name.rfind("weights.", 0) == 0 && name.find("cross_attention.") != std::string::npos) weights = true;
+  }
+  const char* input = c.component == "cross_attention" ? "key_value_states" : "context";
+  if (!weights) return issues;  // a context without cross-attention layers is unused, as in the reference
+  if (!has_input(c, input)) {
+    issues.push_back(fmt::format("the case has cross-attention weights but no inputs.{}", input));
+    return issues;
+  }
+  const Tensor& kv = case_input(c, input);
+  const Shape& x = case_input(c, "hidden_states").shape();
+  if (kv.dim() != 3 || kv.shape()[1] != x[1] || kv.shape()[2] != x[2]) {
+    issues.push_back(fmt::format("inputs.{} has shape {}, expected [sk, b = {}, h = {}]", input,
+                                 shape_string(kv.shape()), x[1], x[2]));
+    return issues;
+  }
+  if (pc.context_parallel_size > 1) {
+    issues.push_back("cross attention is not run under context parallelism: its queries' CP chunks would attend "
+                     "to the whole context, which Megatron's all-gather CP (self attention only) does not split");
+  }
+  const int64_t tp = pc.tensor_model_parallel_size;
+  if (pc.sequence_parallel && kv.shape()[0] % tp != 0) {
+    issues.push_back(fmt::format("sequence parallel splits the cross-attention context's {} positions over tp = {} "
+                                 "(linear_kv all-gathers them): sk must be divisible by tp",
+                                 kv.shape()[0], tp));
+  }
+  if (c.config.num_query_groups.value_or(c.config.num_attention_heads) != c.config.num_attention_heads) {
+    issues.push_back("cross attention needs num_query_groups == num_attention_heads (Megatron's CrossAttention "
+                     "does not support group query attention)");
+  }
+  return issues;
+}
+
 }  // namespace
 
 int64_t optimized_micro_batches(const Case& c, const ParallelConfig& pc, const OptimizedOptions& o) {
-  const int64_t b_local = case_input(c, "hidden_states").shape()[1] / pc.data_parallel_size;
-  return pick_micro_batches(b_local, pc.pipeline_model_parallel_size, o.micro_batches);
+  const int64_t b_local = case_input(c, token_input(c.component)).shape()[1] / pc.data_parallel_size;
+  return pick_micro_batches(b_local, pc.pipeline_model_parallel_size, o.micro_batches, c.config.fp8.has_value());
 }
 
 bool optimized_supports(const std::string& component) { return supported_components().count(component) > 0; }
@@ -244,21 +489,29 @@ bool optimized_supports(const std::string& component) { return supported_compone
 std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelConfig& pc) {
   std::vector<std::string> issues;
   if (!optimized_supports(c.component)) {
-    issues.push_back(fmt::format("component {} is not run by the optimized side (it runs: layernorm, rmsnorm, "
-                                 "self_attention, mlp, moe_layer, transformer_layer, transformer_block)",
-                                 c.component));
+    std::string runs;
+    for (const std::string& name : supported_components()) runs += (runs.empty() ? "" : ", ") + name;
+    issues.push_back(fmt::format("component {} is not run by the optimized side (it runs: {})", c.component, runs));
     return issues;
   }
   for (const ConfigIssue& i : pc.check()) issues.push_back(i.message());
-  for (const ConfigIssue& i : check_fits(pc, c.config)) issues.push_back(i.message());
-  if (!c.tensors.count("inputs.hidden_states") || c.tensors.at("inputs.hidden_states").dim() != 3) {
+  // A case without linears needs only its heads divisible (heads_case_issues).
+  if (!is_heads_component(c.component)) {
+    for (const ConfigIssue& i : check_fits(pc, c.config)) issues.push_back(i.message());
+  }
+  if (is_heads_component(c.component)) {
+    for (std::string& i : heads_case_issues(c, pc)) issues.push_back(std::move(i));
+    if (!issues.empty()) return issues;
+  } else if (!c.tensors.count("inputs.hidden_states") || c.tensors.at("inputs.hidden_states").dim() != 3) {
     issues.push_back("the case needs inputs.hidden_states [s, b, h]");
     return issues;
   }
-  const Shape& x = c.tensors.at("inputs.hidden_states").shape();
-  for (const ConfigIssue& i : check_sequence_length(pc, x[0])) issues.push_back(i.message());
+  const Shape& x = c.tensors.at(std::string("inputs.") + token_input(c.component)).shape();
+  ParallelConfig sequence = pc;
+  if (is_heads_component(c.component)) sequence.sequence_parallel = false;  // no hidden rows to split
+  for (const ConfigIssue& i : check_sequence_length(sequence, x[0])) issues.push_back(i.message());
   const int64_t tp = pc.tensor_model_parallel_size, cp = pc.context_parallel_size;
-  if (pc.sequence_parallel && x[0] % (cp * tp) != 0) {
+  if (pc.sequence_parallel && !is_heads_component(c.component) && x[0] % (cp * tp) != 0) {
     issues.push_back(fmt::format("sequence parallel splits each CP rank's {} positions over tp = {}: s = {} must be "
                                  "divisible by cp * tp",
                                  x[0] / cp, tp, x[0]));
@@ -269,13 +522,7 @@ std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelCo
   if (pc.pipeline_model_parallel_size > 1 && c.component != "transformer_block") {
     issues.push_back(fmt::format("pipeline parallelism splits a transformer_block's layers; {} has none", c.component));
   }
-  if (c.config.num_moe_experts && tp > 1 &&
-      (c.component == "moe_layer" || c.component == "transformer_layer" || c.component == "transformer_block")) {
-    issues.push_back("MoE with tensor_model_parallel_size > 1 is not supported by the optimized side yet");
-  }
-  if (has_input(c, "context") || has_input(c, "key_value_states")) {
-    issues.push_back("cross attention is not run by the optimized side yet");
-  }
+  for (std::string& i : cross_attention_issues(c, pc)) issues.push_back(std::move(i));
   return issues;
 }
 
@@ -300,13 +547,28 @@ OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, cons
   comm.set_timeout(o.timeout);
   load_params(m, c, plan);
   const bool backward = o.backward && has_input(c, "grad_output");
-  const LayerArgs args = layer_args(c);
-  const Tensor& x_all = case_input(c, "hidden_states");
-  const Tensor* dy_all = backward ? &case_input(c, "grad_output") : nullptr;
+  LayerArgs args = layer_args(c);
   Pieces pieces;
-
+  if (backward && args.context) {
+    // Each cross attention's gradient of its context rows; a block's layers
+    // and pipeline stages add theirs up.
+    const std::string name = c.component == "cross_attention" ? "grads.inputs.key_value_states" : "grads.inputs.context";
+    const bool sum = c.component != "cross_attention";
+    args.context_grad = [&pieces, &m, name, sum](const TokenLayout& kv, const DTensor& d) {
+      add_rows_piece(pieces, m, name, d, kv, m.ps.coord.tp, sum);
+    };
+  }
   std::vector<TokenLayout> layouts;
   for (int64_t mb = 0; mb < plan.micro_batches; ++mb) layouts.push_back(token_layout(plan, mb));
+  if (is_heads_component(c.component)) {
+    run_heads_case(m, c, layouts, backward, pieces);
+    OptimizedResult result;
+    gather_pieces(m, pieces, c, plan.S, plan.B, result.tensors);
+    if (!backward && o.backward) result.notes.push_back("no inputs.grad_output: backward not run");
+    return result;
+  }
+  const Tensor& x_all = case_input(c, "hidden_states");
+  const Tensor* dy_all = backward ? &case_input(c, "grad_output") : nullptr;
   auto load = [&](const Tensor& t, const TokenLayout& tl) { return m.be.upload(take_rows(t, tl.hidden_token_rows()), m.dtype); };
 
   if (c.component == "transformer_block") {
@@ -322,14 +584,20 @@ OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, cons
     for (int64_t mb = 0; mb < plan.micro_batches; ++mb) {
       ComponentRun run{m, c, {}, {}};
       const DTensor y = run.forward(load(x_all, layouts[mb]), layouts[mb], args);
-      add_rows_piece(pieces, m, "outputs.output", y, layouts[mb], plan.ps.coord.tp);
-      if (c.component == "moe_layer") add_moe_pieces(pieces, m, run.saved.moe, layouts[mb]);
+      if (c.component != "moe_router") add_rows_piece(pieces, m, "outputs.output", y, layouts[mb], plan.ps.coord.tp);
+      if (c.component == "moe_layer" || c.component == "moe_router") add_moe_pieces(pieces, m, run.saved.moe, layouts[mb]);
       if (!backward) continue;
       DTensor dy_bias;
       if (c.component == "moe_layer" && has_input(c, "grad_output_bias") && run.saved.moe.output_bias.defined()) {
         dy_bias = load(case_input(c, "grad_output_bias"), layouts[mb]);
       }
-      const DTensor dx = run.backward(load(*dy_all, layouts[mb]), dy_bias.defined() ? &dy_bias : nullptr, layouts[mb]);
+      // moe_router: grad_output is router_scores' gradient [S*B, k] (token s * B + b), read as [S, B, k].
+      const DTensor dy = c.component == "moe_router"
+                             ? load(Tensor::from_bytes(dy_all->dtype(), {plan.S, plan.B, dy_all->numel() / (plan.S * plan.B)},
+                                                       dy_all->bytes()),
+                                    layouts[mb])
+                             : load(*dy_all, layouts[mb]);
+      const DTensor dx = run.backward(dy, dy_bias.defined() ? &dy_bias : nullptr, layouts[mb]);
       add_rows_piece(pieces, m, "grads.inputs.hidden_states", dx, layouts[mb], plan.ps.coord.tp);
     }
   }
@@ -374,7 +642,7 @@ struct SingleRankModel::Impl {
 SingleRankModel::SingleRankModel(const Case& c, const OptimizedOptions& o) : impl_(std::make_unique<Impl>()) {
   Impl& i = *impl_;
   i.c = c;
-  if (c.component == "transformer_block" || !optimized_supports(c.component)) {
+  if (c.component == "transformer_block" || is_heads_component(c.component) || !optimized_supports(c.component)) {
     throw Error(fmt::format("SingleRankModel runs layer-like components, not {}", c.component));
   }
   const ParallelConfig pc;

@@ -18,6 +18,7 @@
 
 #include "common/error.h"
 #include "common/math/float_format.h"
+#include "common/math/fp8.h"
 #include "common/math/random.h"
 #include "optimized/cpu/attention.h"
 #include "optimized/math/activations.h"
@@ -1246,6 +1247,67 @@ void CpuBackend::axpby(float alpha, const DTensor& a, float beta, const DTensor&
 double CpuBackend::sum(const DTensor& t) {
   check_defined("sum", "t", t);
   return t.storage_dtype() == DType::F32 ? sum_impl(t.f32(), t.numel()) : sum_impl(t.f64(), t.numel());
+}
+
+// ---------------------------------------------------------------------------
+// fp8 (spec §12.3): TE's amax reduction and scaled cast, element math from
+// common/math/fp8.h (the reference's fp8_scaling.cpp uses the same functions).
+
+namespace {
+
+// max |float(x)| ignoring NaN, in chunks combined with the same step: the max
+// is exact and order-free, so the chunking cannot change the result.
+template <class T> float amax_impl(const T* p, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<float> part(static_cast<size_t>(chunks), 0.0f);
+#pragma omp parallel for schedule(static) if (par(n))
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    float m = 0.0f;
+    for (int64_t i = ch * kChunk, i1 = std::min(n, i + kChunk); i < i1; ++i) {
+      m = math::fp8_amax_step(m, static_cast<float>(p[i]));
+    }
+    part[static_cast<size_t>(ch)] = m;
+  }
+  float m = 0.0f;
+  for (float v : part) m = math::fp8_amax_step(m, v);
+  return m;
+}
+
+// out[i] = q * scale_inv rounded once to out's dtype. Elements are read as
+// fp32 (TE's ComputeType; F64 inputs rounded RNE, as the reference's quantise
+// of a double span does). For an F32 out, fp8_dequantise is that rounding.
+template <class T>
+void fake_quant_impl(const T* x, T* out, int64_t n, float scale, const math::FloatFormat& f, DType out_dtype) {
+  const float scale_inv = 1.0f / scale;  // TE's _compute_scaling_factor_inverse, fp32
+#pragma omp parallel for schedule(static) if (par(n))
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t q = math::fp8_quantise(static_cast<float>(x[i]), scale, f);
+    if (out_dtype == DType::F32) {
+      out[i] = static_cast<T>(math::fp8_dequantise(q, scale_inv, f));
+    } else {
+      out[i] = static_cast<T>(round_double(math::fp8_dequantise_exact(q, scale_inv, f), out_dtype));
+    }
+  }
+}
+
+}  // namespace
+
+double CpuBackend::amax(const DTensor& t) {
+  check_defined("amax", "t", t);
+  return t.storage_dtype() == DType::F32 ? amax_impl(t.f32(), t.numel()) : amax_impl(t.f64(), t.numel());
+}
+
+void CpuBackend::fp8_fake_quant(const DTensor& x, bool e5m2, float scale, DTensor& out) {
+  static constexpr std::string_view op = "fp8_fake_quant";
+  check_same_storage(op, {{"x", &x}, {"out", &out}});
+  check_numel(op, "out", out, x.numel(), fmt::format("as many elements as x {}", x.describe()));
+  const math::FloatFormat& f = e5m2 ? math::kFloat8E5M2 : math::kFloat8E4M3;
+  if (x.storage_dtype() == DType::F32) {
+    fake_quant_impl(x.f32(), out.f32(), x.numel(), scale, f, out.dtype());
+  } else {
+    fake_quant_impl(x.f64(), out.f64(), x.numel(), scale, f, out.dtype());
+  }
 }
 
 void CpuBackend::gather_rows(const DTensor& x, std::span<const int64_t> rows, DTensor& out) {

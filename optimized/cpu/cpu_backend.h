@@ -50,6 +50,8 @@ class CpuBackend final : public Backend {
 
   void axpby(float alpha, const DTensor& a, float beta, const DTensor& b, DTensor& out) override;
   double sum(const DTensor& t) override;
+  double amax(const DTensor& t) override;
+  void fp8_fake_quant(const DTensor& x, bool e5m2, float scale, DTensor& out) override;
 
   void gather_rows(const DTensor& x, std::span<const int64_t> rows, DTensor& out) override;
   void scatter_add_rows(const DTensor& y, std::span<const int64_t> rows, std::span<const float> weights,

@@ -1,5 +1,7 @@
 #include "optimized/model/attention.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <fmt/format.h>
 
@@ -21,40 +23,52 @@ Heads heads_of(const TransformerConfig& cfg) {
   return h;
 }
 
-// The [s_loc, rot] angle table of the given positions, from the case's
-// [S, 1, 1, rot] fp32 table (RotaryEmbedding's output for every position).
-Tensor rotary_rows(const Tensor& table, const std::vector<int64_t>& positions) {
-  const int64_t rot = table.shape()[3];
-  Tensor rows(DType::F32, {static_cast<int64_t>(positions.size()), rot});
-  const auto src = table.data<float>();
-  auto dst = rows.data<float>();
-  for (size_t i = 0; i < positions.size(); ++i) {
-    for (int64_t c = 0; c < rot; ++c) dst[i * rot + c] = src[positions[i] * rot + c];
-  }
-  return rows;
-}
-
 // Masks as Megatron's torch path builds them (reference/fused_softmax.cpp
 // softmax_mask): a sliding window replaces any mask; else a passed mask is
 // used whatever the mask type; else the causal type masks k > q.
-void set_mask(ModelContext& m, const LayerArgs& args, int64_t s, AttentionSaved& saved) {
+void set_mask(ModelContext& m, const CoreAttentionCall& call, int64_t np, AttentionSaved& saved) {
   AttentionArgs& a = saved.args;
+  const int64_t sq = call.sq_global, sk = call.sk_global;
   if (m.cfg.window_size) {
+    if (sq != sk) {
+      throw Error(fmt::format("sliding window attention with sq = {} != sk = {} is not run by the optimized side "
+                              "(the window aligns bottom-right there; its kernel's window is on positions)",
+                              sq, sk));
+    }
     a.window = *m.cfg.window_size;
-    if (args.attn_mask_type == "causal") a.window[1] = 0;  // TE: a causal window is (left, 0)
+    if (call.mask_type == "causal") a.window[1] = 0;  // TE: a causal window is (left, 0)
     return;
   }
-  if (args.attention_mask) {
-    const Tensor& t = *args.attention_mask;
+  if (call.mask) {
+    const Tensor& t = *call.mask;
+    Shape dims = t.shape();
+    if (dims.size() > 4) throw Error(fmt::format("the attention mask has shape {}: at most 4-D", shape_string(dims)));
+    while (dims.size() < 4) dims.insert(dims.begin(), 1);
+    const std::array<int64_t, 4> want = {call.b_global, np, sq, sk};
+    for (size_t i = 0; i < 4; ++i) {
+      if (dims[i] != 1 && dims[i] != want[i]) {
+        throw Error(fmt::format("the attention mask has shape {}, not broadcastable to [b, np, sq, sk] = [{}, {}, {}, {}]",
+                                shape_string(t.shape()), want[0], want[1], want[2], want[3]));
+      }
+    }
     const Tensor mask = t.to(DType::U8);
     saved.mask.assign(mask.data<uint8_t>().begin(), mask.data<uint8_t>().end());
-    Shape dims = t.shape();
-    while (dims.size() < 4) dims.insert(dims.begin(), 1);
     a.mask = saved.mask.data();
     a.mask_dims = {dims[0], dims[1], dims[2], dims[3]};
     return;
   }
-  a.causal = args.attn_mask_type == "causal" && s > 1;
+  if (call.mask_type == "causal" && sq > 1) {
+    if (sq != sk) {
+      throw Error(fmt::format("the causal mask type without an attention mask needs sq == sk (got sq = {}, sk = {}): "
+                              "Megatron builds the default causal mask only for self attention",
+                              sq, sk));
+    }
+    a.causal = true;
+  }
+}
+
+std::string sub_path(const std::string& path, const std::string& module) {
+  return path.empty() ? module : path + "." + module;
 }
 
 // Splits the per-group fused QKV columns [q_0..q_{r-1} | k | v] of each local
@@ -93,6 +107,19 @@ DTensor reduce_scatter_context_parallel(ModelContext& m, const DTensor& x) {
 
 }  // namespace
 
+// The [s_loc, rot] angle table of the given positions, from the case's
+// [S, 1, 1, rot] fp32 table (RotaryEmbedding's output for every position).
+Tensor rotary_rows(const Tensor& table, const std::vector<int64_t>& positions) {
+  const int64_t rot = table.shape()[3];
+  Tensor rows(DType::F32, {static_cast<int64_t>(positions.size()), rot});
+  const auto src = table.data<float>();
+  auto dst = rows.data<float>();
+  for (size_t i = 0; i < positions.size(); ++i) {
+    for (int64_t c = 0; c < rot; ++c) dst[i * rot + c] = src[positions[i] * rot + c];
+  }
+  return rows;
+}
+
 double effective_softmax_scale(const TransformerConfig& cfg, int64_t layer_number) {
   const Heads h = heads_of(cfg);
   const double coeff = cfg.apply_query_key_layer_scaling ? static_cast<double>(std::max<int64_t>(1, layer_number)) : 1.0;
@@ -100,6 +127,77 @@ double effective_softmax_scale(const TransformerConfig& cfg, int64_t layer_numbe
   // FusedScaleMaskSoftmax multiplies the scores by coeff again.
   const double alpha = cfg.softmax_scale ? *cfg.softmax_scale / coeff : 1.0 / (std::sqrt(static_cast<double>(h.hn)) * coeff);
   return alpha * coeff;
+}
+
+DTensor core_attention_forward(ModelContext& m, const CoreAttentionCall& call, const DTensor& q, const DTensor& k,
+                               const DTensor& v, AttentionSaved& saved) {
+  const Heads h = heads_of(m.cfg);
+  const int64_t np_loc = q.cols() / h.hn, ng_loc = k.cols() / h.hn, b = call.batch;
+  const int64_t sq_loc = static_cast<int64_t>(call.q_pos.size());
+  if (q.rows() != sq_loc * b || q.cols() != np_loc * h.hn || k.cols() != ng_loc * h.hn || v.rows() != k.rows() ||
+      v.cols() != k.cols()) {
+    throw Error(fmt::format("core attention: q [{}, {}], k [{}, {}], v [{}, {}] for {} query rows x {} sequences, "
+                            "head dim {}",
+                            q.rows(), q.cols(), k.rows(), k.cols(), v.rows(), v.cols(), sq_loc, b, h.hn));
+  }
+  saved.q = q;
+  saved.k = call.gather_kv ? gather_context_parallel(m, k) : k;
+  saved.v = call.gather_kv ? gather_context_parallel(m, v) : v;
+  saved.q_pos = call.q_pos;
+  saved.k_pos.clear();
+  if (call.gather_kv) {
+    // Every CP rank's keys and values, with their positions.
+    for (int64_t r = 0; r < m.ps.cp.size(); ++r) {
+      const auto pos = context_parallel_positions(call.sk_global, m.ps.pc.context_parallel_size, r);
+      saved.k_pos.insert(saved.k_pos.end(), pos.begin(), pos.end());
+    }
+  } else {
+    for (int64_t i = 0; i < call.sk_global; ++i) saved.k_pos.push_back(i);
+  }
+  if (saved.k.rows() != static_cast<int64_t>(saved.k_pos.size()) * b) {
+    throw Error(fmt::format("core attention: {} key rows for {} key positions x {} sequences", saved.k.rows(),
+                            saved.k_pos.size(), b));
+  }
+
+  AttentionArgs& a = saved.args;
+  a = AttentionArgs{};
+  a.batch = b;
+  a.sq = sq_loc;
+  a.sk = static_cast<int64_t>(saved.k_pos.size());
+  a.heads = np_loc;
+  a.groups = ng_loc;
+  a.head_dim = h.hn;
+  a.softmax_scale = static_cast<float>(effective_softmax_scale(m.cfg, call.layer_number));
+  set_mask(m, call, h.np, saved);
+  a.q_positions = saved.q_pos;
+  a.k_positions = saved.k_pos;
+  if (m.training && m.cfg.attention_dropout > 0) {
+    a.dropout_p = m.cfg.attention_dropout;
+    a.dropout_key = m.key("dropout", sub_path(call.path, "core_attention"));
+  }
+  a.head_offset = m.ps.coord.tp * np_loc;
+  a.batch_offset = call.batch_offset;
+  a.heads_global = h.np;
+  a.sq_global = call.sq_global;
+  a.sk_global = call.sk_global;
+  a.probs_dtype = m.dtype;
+  saved.gather_kv = call.gather_kv;
+
+  saved.context = m.empty({q.rows(), np_loc * h.hn});
+  saved.lse = m.empty_f32({b, np_loc, sq_loc});
+  m.be.attention_forward(a, saved.q, saved.k, saved.v, saved.context, saved.lse);
+  return saved.context;
+}
+
+DTensor core_attention_backward(ModelContext& m, const DTensor& d_context, AttentionSaved& saved, DTensor& dk,
+                                DTensor& dv) {
+  DTensor dq = m.empty({saved.q.rows(), saved.q.cols()});
+  DTensor dk_all = m.empty({saved.k.rows(), saved.k.cols()}), dv_all = m.empty({saved.v.rows(), saved.v.cols()});
+  m.be.attention_backward(saved.args, saved.q, saved.k, saved.v, saved.context, saved.lse, d_context, dq, dk_all,
+                          dv_all);
+  dk = saved.gather_kv ? reduce_scatter_context_parallel(m, dk_all) : dk_all;
+  dv = saved.gather_kv ? reduce_scatter_context_parallel(m, dv_all) : dv_all;
+  return dq;
 }
 
 DTensor self_attention_forward(ModelContext& m, const std::string& prefix, const std::string& path,
@@ -123,43 +221,19 @@ DTensor self_attention_forward(ModelContext& m, const std::string& prefix, const
     m.be.rope(rope, k, saved.freqs, k, false);
   }
 
-  // Context parallel: every CP rank's keys and values, with their positions.
-  saved.q = q;
-  saved.k = gather_context_parallel(m, k);
-  saved.v = gather_context_parallel(m, v);
-  saved.q_pos = tokens.seq;
-  saved.k_pos.clear();
-  for (int64_t r = 0; r < m.ps.cp.size(); ++r) {
-    const auto pos = context_parallel_positions(tokens.s_global, m.ps.pc.context_parallel_size, r);
-    saved.k_pos.insert(saved.k_pos.end(), pos.begin(), pos.end());
-  }
-
-  AttentionArgs& a = saved.args;
-  a = AttentionArgs{};
-  a.batch = b;
-  a.sq = s_loc;
-  a.sk = static_cast<int64_t>(saved.k_pos.size());
-  a.heads = np_loc;
-  a.groups = ng_loc;
-  a.head_dim = h.hn;
-  a.softmax_scale = static_cast<float>(effective_softmax_scale(m.cfg, layer_number));
-  set_mask(m, args, tokens.s_global, saved);
-  a.q_positions = saved.q_pos;
-  a.k_positions = saved.k_pos;
-  if (m.training && m.cfg.attention_dropout > 0) {
-    a.dropout_p = m.cfg.attention_dropout;
-    a.dropout_key = m.key("dropout", path + ".core_attention");
-  }
-  a.head_offset = m.ps.coord.tp * np_loc;
-  a.batch_offset = tokens.batch_offset;
-  a.heads_global = h.np;
-  a.sq_global = a.sk_global = tokens.s_global;
-  a.probs_dtype = m.dtype;
-
-  saved.context = m.empty({rows, np_loc * h.hn});
-  saved.lse = m.empty_f32({b, np_loc, s_loc});
-  m.be.attention_forward(a, saved.q, saved.k, saved.v, saved.context, saved.lse);
-  return row_parallel_forward(m, prefix + "linear_proj.", saved.context, saved.proj);
+  CoreAttentionCall call;
+  call.batch = b;
+  call.batch_offset = tokens.batch_offset;
+  call.b_global = tokens.b_global;
+  call.sq_global = call.sk_global = tokens.s_global;
+  call.q_pos = tokens.seq;
+  call.gather_kv = m.ps.pc.context_parallel_size > 1;
+  call.mask_type = args.attn_mask_type;
+  call.mask = args.attention_mask ? &*args.attention_mask : nullptr;
+  call.path = path;
+  call.layer_number = layer_number;
+  const DTensor context = core_attention_forward(m, call, q, k, v, saved);
+  return row_parallel_forward(m, prefix + "linear_proj.", context, saved.proj);
 }
 
 DTensor self_attention_backward(ModelContext& m, const std::string& prefix, const DTensor& dy,
@@ -168,13 +242,8 @@ DTensor self_attention_backward(ModelContext& m, const std::string& prefix, cons
   const int64_t np_loc = h.np / m.tp(), ng_loc = h.ng / m.tp();
   const int64_t rows = saved.q.rows();
   DTensor d_context = row_parallel_backward(m, prefix + "linear_proj.", dy, saved.proj);
-
-  DTensor dq = m.empty({rows, np_loc * h.hn});
-  DTensor dk_all = m.empty({saved.k.rows(), ng_loc * h.hn}), dv_all = m.empty({saved.v.rows(), ng_loc * h.hn});
-  m.be.attention_backward(saved.args, saved.q, saved.k, saved.v, saved.context, saved.lse, d_context, dq, dk_all,
-                          dv_all);
-  DTensor dk = reduce_scatter_context_parallel(m, dk_all);
-  DTensor dv = reduce_scatter_context_parallel(m, dv_all);
+  DTensor dk, dv;
+  DTensor dq = core_attention_backward(m, d_context, saved, dk, dv);
 
   if (saved.freqs.defined()) {
     RopeArgs rope{tokens.b_local, np_loc, h.hn, saved.freqs.cols(), m.cfg.rotary_interleaved};
@@ -187,6 +256,89 @@ DTensor self_attention_backward(ModelContext& m, const std::string& prefix, cons
   const LinearSaved qkv = std::move(saved.qkv);
   saved = AttentionSaved{};  // free the activations
   return column_parallel_backward(m, prefix + "linear_qkv.", d_mixed, qkv);
+}
+
+TokenLayout cross_kv_tokens(const ModelContext& m, const TokenLayout& tokens, int64_t sk) {
+  TokenLayout t;
+  t.s_global = sk;
+  t.b_global = tokens.b_global;
+  t.b_local = tokens.b_local;
+  t.batch_offset = tokens.batch_offset;
+  for (int64_t i = 0; i < sk; ++i) t.seq.push_back(i);
+  const bool sp = m.ps.pc.sequence_parallel && m.tp() > 1;
+  t.sp_count = sp ? sk / m.tp() : sk;
+  t.sp_begin = sp ? m.ps.coord.tp * t.sp_count : 0;
+  return t;
+}
+
+DTensor cross_attention_forward(ModelContext& m, const std::string& prefix, const std::string& path,
+                                int64_t layer_number, const DTensor& x, const TokenLayout& tokens,
+                                const LayerArgs& args, CrossAttentionSaved& saved) {
+  const Heads h = heads_of(m.cfg);
+  if (h.ng != h.np) {
+    throw Error(fmt::format("cross attention needs num_query_groups == num_attention_heads (got {} and {}): "
+                            "Megatron's CrossAttention does not support group query attention",
+                            h.ng, h.np));
+  }
+  if (m.ps.pc.context_parallel_size > 1) throw Error("cross attention is not run under context parallelism");
+  if (!args.context) throw Error(fmt::format("{}: cross attention needs its context (key_value_states)", prefix));
+  const Tensor& context = *args.context;
+  if (context.dim() != 3 || context.shape()[1] != tokens.b_global || context.shape()[2] != m.cfg.hidden_size) {
+    throw Error(fmt::format("the cross-attention context has shape {}, expected [sk, b = {}, h = {}]",
+                            shape_string(context.shape()), tokens.b_global, m.cfg.hidden_size));
+  }
+  const int64_t np_loc = h.np / m.tp(), hn = h.hn;
+  saved.kv_tokens = cross_kv_tokens(m, tokens, context.shape()[0]);
+  saved.context_grad = args.context_grad;
+  const std::vector<int64_t> kv_rows = saved.kv_tokens.hidden_token_rows();
+  Tensor host(context.dtype(), {static_cast<int64_t>(kv_rows.size()), m.cfg.hidden_size});
+  const size_t bytes = static_cast<size_t>(m.cfg.hidden_size) * dtype_size(context.dtype());
+  for (size_t i = 0; i < kv_rows.size(); ++i) {
+    std::copy_n(context.bytes().data() + kv_rows[i] * bytes, bytes, host.bytes().data() + i * bytes);
+  }
+  const DTensor c = m.be.upload(host, m.dtype);
+
+  // get_query_key_value_tensors: linear_kv, then linear_q.
+  const DTensor mixed = column_parallel_forward(m, prefix + "linear_kv.", c, saved.kv);
+  DTensor k = m.empty({mixed.rows(), np_loc * hn}), v = m.empty({mixed.rows(), np_loc * hn});
+  for (int64_t j = 0; j < np_loc; ++j) {  // [sk, b, np, 2*hn] split along the last dim
+    m.be.copy_cols(mixed, j * 2 * hn, k, j * hn, hn);
+    m.be.copy_cols(mixed, j * 2 * hn + hn, v, j * hn, hn);
+  }
+  const DTensor q = column_parallel_forward(m, prefix + "linear_q.", x, saved.q);
+
+  CoreAttentionCall call;
+  call.batch = tokens.b_local;
+  call.batch_offset = tokens.batch_offset;
+  call.b_global = tokens.b_global;
+  call.sq_global = tokens.s_global;
+  call.sk_global = saved.kv_tokens.s_global;
+  call.q_pos = tokens.seq;
+  call.mask_type = args.cross_attn_mask_type;
+  call.mask = args.context_mask ? &*args.context_mask : nullptr;
+  call.path = path;
+  call.layer_number = layer_number;
+  const DTensor ctx = core_attention_forward(m, call, q, k, v, saved.core);
+  return row_parallel_forward(m, prefix + "linear_proj.", ctx, saved.proj);
+}
+
+DTensor cross_attention_backward(ModelContext& m, const std::string& prefix, const DTensor& dy,
+                                 CrossAttentionSaved& saved) {
+  const Heads h = heads_of(m.cfg);
+  const int64_t np_loc = h.np / m.tp(), hn = h.hn;
+  const DTensor d_ctx = row_parallel_backward(m, prefix + "linear_proj.", dy, saved.proj);
+  DTensor dk, dv;
+  const DTensor dq = core_attention_backward(m, d_ctx, saved.core, dk, dv);
+  DTensor d_mixed = m.empty({dk.rows(), 2 * np_loc * hn});
+  for (int64_t j = 0; j < np_loc; ++j) {
+    m.be.copy_cols(dk, j * hn, d_mixed, j * 2 * hn, hn);
+    m.be.copy_cols(dv, j * hn, d_mixed, j * 2 * hn + hn, hn);
+  }
+  const DTensor d_context = column_parallel_backward(m, prefix + "linear_kv.", d_mixed, saved.kv);
+  const DTensor dx = column_parallel_backward(m, prefix + "linear_q.", dq, saved.q);
+  if (saved.context_grad) saved.context_grad(saved.kv_tokens, d_context);
+  saved = CrossAttentionSaved{};  // free the activations
+  return dx;
 }
 
 }  // namespace paritron::opt

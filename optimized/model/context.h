@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -77,6 +78,15 @@ struct LayerArgs {
   std::string attn_mask_type = "causal";     // causal | padding | no_mask
   std::optional<Tensor> attention_mask;      // [b|1, np|1, S, S] bool, global coordinates
   std::optional<Tensor> rotary_pos_emb;      // [S, 1, 1, rot] fp32 angles of every position
+  // Cross attention (encoder-decoder layers, a cross_attention case): the
+  // encoder output [Sk, B, h] whole (each layer takes its micro-batch's
+  // sequences and, under sequence parallel, its TP rank's rows), the mask
+  // [b|1, np|1, S, Sk] and its type (CrossAttention's default: padding), and
+  // where each layer's gradient of its context rows goes.
+  std::optional<Tensor> context;
+  std::optional<Tensor> context_mask;
+  std::string cross_attn_mask_type = "padding";
+  std::function<void(const TokenLayout& context_tokens, const DTensor& d_context)> context_grad;
 };
 
 class ModelContext {

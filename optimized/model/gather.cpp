@@ -123,14 +123,37 @@ Tensor tensor_of(const std::vector<double>& v, Shape shape) { return Tensor::fro
 }  // namespace
 
 void add_rows_piece(Pieces& pieces, ModelContext& m, const std::string& name, const DTensor& rows,
-                    const TokenLayout& tokens, int64_t tp_rank) {
+                    const TokenLayout& tokens, int64_t tp_rank, bool sum) {
   if (!m.sequence_parallel() && tp_rank != 0) return;
   Piece p;
   p.name = name;
   p.global_shape = {tokens.s_global * tokens.b_global, rows.cols()};
   p.axis = 0;
   p.index = tokens.hidden_token_rows();
+  p.sum = sum;
   p.values = host_values(m, rows);
+  pieces.push_back(std::move(p));
+}
+
+void add_head_rows_piece(Pieces& pieces, ModelContext& m, const std::string& name, const DTensor& local,
+                         const std::vector<int64_t>& rows, int64_t total_rows, int64_t heads_global,
+                         int64_t head_offset, int64_t head_dim) {
+  const int64_t heads_loc = local.cols() / head_dim;
+  if (local.rows() != static_cast<int64_t>(rows.size()) || local.cols() != heads_loc * head_dim ||
+      head_offset + heads_loc > heads_global) {
+    throw Error(fmt::format("{}: a [{}, {}] piece for {} rows of heads {}..{} (head dim {}, {} heads)", name,
+                            local.rows(), local.cols(), rows.size(), head_offset, head_offset + heads_loc, head_dim,
+                            heads_global));
+  }
+  Piece p;
+  p.name = name;
+  p.global_shape = {total_rows * heads_global, head_dim};
+  p.axis = 0;
+  p.index.reserve(rows.size() * static_cast<size_t>(heads_loc));
+  for (int64_t r : rows) {
+    for (int64_t j = 0; j < heads_loc; ++j) p.index.push_back(r * heads_global + head_offset + j);
+  }
+  p.values = host_values(m, local);
   pieces.push_back(std::move(p));
 }
 
@@ -212,13 +235,32 @@ void gather_pieces(ModelContext& m, const Pieces& pieces, const Case& c, int64_t
 
   // MLP / attention cases: output_bias is linear_fc2 / linear_proj's bias
   // itself (skip_bias_add), and its gradient is inputs.grad_output_bias.
-  const std::string bias = c.component == "mlp" ? "linear_fc2.bias" : c.component == "self_attention" ? "linear_proj.bias" : "";
+  const std::string bias = c.component == "mlp"                                                    ? "linear_fc2.bias"
+                           : c.component == "self_attention" || c.component == "cross_attention" ? "linear_proj.bias"
+                                                                                                  : "";
   if (!bias.empty() && c.tensors.count("weights." + bias)) {
     out["outputs.output_bias"] = m.be.download(m.param(bias).value).to(DType::F64);
     if (out.count("grads.inputs.hidden_states")) {
       auto g = c.tensors.find("inputs.grad_output_bias");
       out["grads.weights." + bias] =
           g != c.tensors.end() ? g->second.to(DType::F64) : Tensor(DType::F64, {c.config.hidden_size});
+    }
+  }
+  // Inputs' gradients (gathered as rows, or per-head rows) take the input's
+  // shape; so do the per-head outputs of the dot_product_attention
+  // ([S, B, np * hn]) and rotary_pos_emb (t's shape) cases.
+  for (auto& [name, t] : out) {
+    if (name.rfind("grads.inputs.", 0) != 0) continue;
+    auto in = c.tensors.find(name.substr(6));
+    if (in != c.tensors.end() && in->second.numel() == t.numel() && in->second.shape() != t.shape()) {
+      t = Tensor::from_bytes(DType::F64, in->second.shape(), t.bytes());
+    }
+  }
+  if (auto it = out.find("outputs.output"); it != out.end()) {
+    if (c.component == "rotary_pos_emb" && c.tensors.count("inputs.t")) {
+      it->second = Tensor::from_bytes(DType::F64, c.tensors.at("inputs.t").shape(), it->second.bytes());
+    } else if (c.component == "dot_product_attention") {
+      it->second = Tensor::from_bytes(DType::F64, {S, B, it->second.numel() / (S * B)}, it->second.bytes());
     }
   }
   // Rows pieces are gathered as [S*B, w]; outputs of [S, B, ...] cases take the case's shape.

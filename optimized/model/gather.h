@@ -31,8 +31,17 @@ using Pieces = std::vector<Piece>;
 
 // Rows of an [S, B, w] tensor held as the hidden rows of a token layout
 // ([hidden_rows, w]); contributed by TP rank 0 unless sequence parallel.
+// sum: added into the tensor (a gradient several layers or pipeline stages
+// contribute to, e.g. a block's context).
 void add_rows_piece(Pieces& pieces, ModelContext& m, const std::string& name, const DTensor& rows,
-                    const TokenLayout& tokens, int64_t tp_rank);
+                    const TokenLayout& tokens, int64_t tp_rank, bool sum = false);
+// Rows of a per-head [S, B, H, hn] tensor held as [rows.size(), heads_loc * hn]:
+// the token rows `rows` (global s * B + b) and the global heads head_offset ..
+// head_offset + heads_loc. Gathered as the flattened [S * B * H, hn] (one
+// index per (row, head)); gather_pieces gives it the case's shape.
+void add_head_rows_piece(Pieces& pieces, ModelContext& m, const std::string& name, const DTensor& local,
+                         const std::vector<int64_t>& rows, int64_t total_rows, int64_t heads_global,
+                         int64_t head_offset, int64_t head_dim);
 // The router outputs of a moe_layer case (reference/run_case.cpp router_outputs).
 void add_moe_pieces(Pieces& pieces, ModelContext& m, const MoeSaved& moe, const TokenLayout& tokens);
 // grads.weights.* of every parameter with a gradient, one replica each.

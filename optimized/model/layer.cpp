@@ -60,6 +60,11 @@ DTensor bias_dropout_add_backward(ModelContext& m, const DropoutArgs& d, const D
 
 bool is_moe(const ModelContext& m) { return m.cfg.num_moe_experts.has_value(); }
 
+bool has_cross_attention(const ModelContext& m, const std::string& prefix) {
+  return m.has_param(prefix + "cross_attention.linear_q.weight") ||
+         m.has_param(prefix + "cross_attention.linear_kv.weight");
+}
+
 }  // namespace
 
 DTensor norm_forward(ModelContext& m, const std::string& prefix, const DTensor& x, bool te_kernel, NormSaved& saved) {
@@ -98,6 +103,21 @@ DTensor transformer_layer_forward(ModelContext& m, const std::string& prefix, in
                                              layer_number, a, tokens, args, saved.attention);
     hidden = bias_dropout_add(m, bda_args(m, "self_attn_bda", prefix, rows), o,
                               prefix + "self_attention.linear_proj.bias", hidden);
+  } else if (m.has_param(prefix + "input_layernorm.weight")) {  // IdentityOp attention, IdentityFuncOp bda
+    hidden = norm_forward(m, prefix + "input_layernorm.", hidden, false, saved.input_norm);
+  }
+  // Cross attention (reference/transformer_layer.cpp): a norm without the
+  // module is IdentityOp attention returning the normed input.
+  if (has_cross_attention(m, prefix)) {
+    const DTensor a = m.has_param(prefix + "pre_cross_attn_layernorm.weight")
+                          ? norm_forward(m, prefix + "pre_cross_attn_layernorm.", hidden, false, saved.pre_cross_norm)
+                          : hidden;
+    const DTensor o = cross_attention_forward(m, prefix + "cross_attention.", path_of(prefix, "cross_attention"),
+                                              layer_number, a, tokens, args, saved.cross);
+    hidden = bias_dropout_add(m, bda_args(m, "cross_attn_bda", prefix, rows), o,
+                              prefix + "cross_attention.linear_proj.bias", hidden);
+  } else if (m.has_param(prefix + "pre_cross_attn_layernorm.weight")) {
+    hidden = norm_forward(m, prefix + "pre_cross_attn_layernorm.", hidden, false, saved.pre_cross_norm);
   }
   const bool has_mlp = m.has_param(prefix + "mlp.linear_fc1.weight") || m.has_param(prefix + "mlp.router.weight");
   if (has_mlp) {
@@ -110,6 +130,8 @@ DTensor transformer_layer_forward(ModelContext& m, const std::string& prefix, in
       m.be.axpby(1.0f, o, 1.0f, saved.moe.output_bias, o);
     }
     hidden = bias_dropout_add(m, bda_args(m, "mlp_bda", prefix, rows), o, prefix + "mlp.linear_fc2.bias", hidden);
+  } else if (m.has_param(prefix + "pre_mlp_layernorm.weight")) {
+    hidden = norm_forward(m, prefix + "pre_mlp_layernorm.", hidden, false, saved.pre_mlp_norm);
   }
   return hidden;
 }
@@ -131,6 +153,21 @@ DTensor transformer_layer_backward(ModelContext& m, const std::string& prefix, c
     DTensor sum = m.empty({dy.rows(), dy.cols()});
     m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
     d_hidden = sum;
+  } else if (m.has_param(prefix + "pre_mlp_layernorm.weight")) {
+    d_hidden = norm_backward(m, prefix + "pre_mlp_layernorm.", d_hidden, false, saved.pre_mlp_norm);
+  }
+  if (has_cross_attention(m, prefix)) {
+    const DTensor d_o = bias_dropout_add_backward(m, bda_args(m, "cross_attn_bda", prefix, rows), d_hidden,
+                                                  prefix + "cross_attention.linear_proj.bias");
+    DTensor d_a = cross_attention_backward(m, prefix + "cross_attention.", d_o, saved.cross);
+    if (m.has_param(prefix + "pre_cross_attn_layernorm.weight")) {
+      d_a = norm_backward(m, prefix + "pre_cross_attn_layernorm.", d_a, false, saved.pre_cross_norm);
+    }
+    DTensor sum = m.empty({dy.rows(), dy.cols()});
+    m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
+    d_hidden = sum;
+  } else if (m.has_param(prefix + "pre_cross_attn_layernorm.weight")) {
+    d_hidden = norm_backward(m, prefix + "pre_cross_attn_layernorm.", d_hidden, false, saved.pre_cross_norm);
   }
   if (m.has_param(prefix + "self_attention.linear_qkv.weight")) {
     const DTensor d_o = bias_dropout_add_backward(m, bda_args(m, "self_attn_bda", prefix, rows), d_hidden,
@@ -142,6 +179,8 @@ DTensor transformer_layer_backward(ModelContext& m, const std::string& prefix, c
     DTensor sum = m.empty({dy.rows(), dy.cols()});
     m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
     d_hidden = sum;
+  } else if (m.has_param(prefix + "input_layernorm.weight")) {
+    d_hidden = norm_backward(m, prefix + "input_layernorm.", d_hidden, false, saved.input_norm);
   }
   return d_hidden;
 }

@@ -7,6 +7,9 @@
 // submodule without parameters is IdentityOp).
 //   residual = x;  a = input_layernorm(x);  (o, ob) = self_attention(a)
 //   x = residual + dropout(o + ob)                       self_attn_bda
+//   residual = x;  c = pre_cross_attn_layernorm(x); (o, ob) = cross_attention(c, context)
+//   x = residual + dropout(o + ob)                       cross_attn_bda (encoder-decoder layers;
+//                                                        IdentityOp in the GPT specs)
 //   residual = x;  m = pre_mlp_layernorm(x); (o, ob) = mlp(m)   (MoE when num_moe_experts)
 //   x = residual + dropout(o + ob)                       mlp_bda
 // Under sequence parallelism norms and bias-dropout-add run on the SP-local
@@ -34,8 +37,9 @@ DTensor norm_backward(ModelContext& m, const std::string& prefix, const DTensor&
                       NormSaved& saved);
 
 struct LayerSaved {
-  NormSaved input_norm, pre_mlp_norm;
+  NormSaved input_norm, pre_cross_norm, pre_mlp_norm;
   AttentionSaved attention;
+  CrossAttentionSaved cross;
   MlpSaved mlp;
   MoeSaved moe;
 };

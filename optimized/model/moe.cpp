@@ -64,14 +64,19 @@ constexpr double kSinkhornWorkBudget = 2e10;
 constexpr int64_t kSinkhornMinIterations = 10000000;
 
 // Everything the optimized MoE does not do throws here, naming the field.
-void check_supported(const ModelContext& m, int64_t experts) {
+// layer: a MoELayer (experts and their dispatch), else the router alone.
+void check_supported(const ModelContext& m, int64_t experts, bool layer) {
   const TransformerConfig& c = m.cfg;
   if (experts < 1) throw Error("MoE: num_moe_experts must be a positive number of experts");
   if (c.moe_router_topk < 1 || c.moe_router_topk > experts) {
     throw Error(
         fmt::format("MoE: moe_router_topk ({}) must be in [1, num_moe_experts = {}]", c.moe_router_topk, experts));
   }
-  if (m.tp() > 1) throw Error("MoE with tensor_model_parallel_size > 1 is not supported by the optimized side yet");
+  // 0.5.0 TransformerConfig.__post_init__: expert parallelism with tensor
+  // parallelism needs sequence parallelism (also a ParallelConfig rule).
+  if (m.tp() > 1 && m.ps.ep.size() > 1 && !m.sequence_parallel()) {
+    throw Error("MoE: expert_model_parallel_size > 1 with tensor_model_parallel_size > 1 needs sequence_parallel");
+  }
   if (c.moe_router_load_balancing_type != "aux_loss" && c.moe_router_load_balancing_type != "none" &&
       c.moe_router_load_balancing_type != "sinkhorn") {
     throw Error(fmt::format(
@@ -83,7 +88,7 @@ void check_supported(const ModelContext& m, int64_t experts) {
     throw Error(fmt::format("MoE: moe_router_score_function = '{}' is not supported by the optimized side (softmax)",
                             c.moe_router_score_function));
   }
-  if (c.moe_grouped_gemm) throw Error("MoE: moe_grouped_gemm (GroupedMLP) is not supported by the optimized side yet");
+  if (layer && c.moe_grouped_gemm) throw Error("MoE: moe_grouped_gemm (GroupedMLP) is not supported by the optimized side yet");
   if (c.moe_token_dropping) throw Error("MoE: moe_token_dropping is not supported (0.5.0 is dropless)");
   if (c.moe_router_dtype && m.dtype != DType::F64) {  // (a float64 run computes everything in float64)
     const DType r = *c.moe_router_dtype == "fp64" ? DType::F64 : DType::F32;
@@ -95,7 +100,7 @@ void check_supported(const ModelContext& m, int64_t experts) {
   if (c.moe_expert_capacity_factor && c.moe_token_drop_policy != "probs" && c.moe_token_drop_policy != "position") {
     throw Error(fmt::format("MoE: unknown moe_token_drop_policy '{}'", c.moe_token_drop_policy));
   }
-  const int64_t ep = m.ps.ep.size();
+  const int64_t ep = layer ? m.ps.ep.size() : 1;
   if (experts % ep != 0) {
     throw Error(
         fmt::format("MoE: num_moe_experts ({}) must be divisible by expert_model_parallel_size ({})", experts, ep));
@@ -136,6 +141,7 @@ struct MoeSaved::State {
   // Receiver side: expert-major row i is received row regroup[i].
   std::vector<int64_t> regroup, ungroup;
   std::vector<int64_t> expert_rows;  // [e_loc]
+  std::vector<int64_t> expert_pad;   // [e_loc] rows each expert's TP-sharded MLP runs with (see run_experts)
   std::vector<MlpSaved> mlp;         // [e_loc]
   DTensor y_back;                    // [N_send, h] expert outputs, send order
   bool has_bias = false;
@@ -206,16 +212,18 @@ void scatter_rows(ModelContext& m, const DTensor& y, const std::vector<int64_t>&
 }
 
 // The router forward on the host: fills the routing decision in s.
-void router_forward(ModelContext& m, const std::string& prefix, const std::string& path, MoeSaved::State& s) {
+// router: the router's key prefix ("mlp.router.", a moe_router case: "");
+// jitter_path: the RNG path of its jitter draws.
+void router_forward(ModelContext& m, const std::string& router, const std::string& jitter_path, MoeSaved::State& s) {
   const TransformerConfig& cfg = m.cfg;
   const int64_t T = s.T, E = s.E, k = s.k;
   // logits = x W^T (+ b), in the router dtype (= the activation dtype).
-  const Param& w = m.param(prefix + "router.weight");
+  const Param& w = m.param(router + "weight");
   if (w.value.dim() != 2 || w.value.size(0) != E || w.value.size(1) != s.h) {
-    throw Error(fmt::format("MoE: {}router.weight is {}, expected [{}, {}]", prefix, w.value.describe(), E, s.h));
+    throw Error(fmt::format("MoE: {}weight is {}, expected [{}, {}]", router, w.value.describe(), E, s.h));
   }
   DTensor lg = m.be.empty(s.router, {T, E});
-  m.be.gemm(s.x, false, w.value, true, lg, 1.0f, 0.0f, m.param_or_null(prefix + "router.bias"));
+  m.be.gemm(s.x, false, w.value, true, lg, 1.0f, 0.0f, m.param_or_null(router + "bias"));
   s.logits = to_host(m.be, lg);
 
   s.z = s.logits;
@@ -223,7 +231,7 @@ void router_forward(ModelContext& m, const std::string& prefix, const std::strin
     const double eps = *cfg.moe_input_jitter_eps;
     const float low = static_cast<float>(1.0 - eps), high = static_cast<float>(1.0 + eps);
     const float range = high - low;
-    const math::RngKey key = m.key("moe_jitter", path.empty() ? "router" : path + ".router");
+    const math::RngKey key = m.key("moe_jitter", jitter_path);
     s.jitter.resize(static_cast<size_t>(T * E));
     for (size_t i = 0; i < s.jitter.size(); ++i) {
       const float r = math::uniform_float(key, static_cast<uint64_t>(i));
@@ -352,6 +360,73 @@ void router_losses(ModelContext& m, MoeSaved::State& s, MoeSaved& saved) {
   }
 }
 
+// Expert MLPs under tensor parallelism (Megatron core_v0.5.0).
+//
+// The experts are MLP(is_expert=True) (moe/experts.py SequentialMLP): fc1 a
+// ColumnParallelLinear, fc2 a RowParallelLinear, so a TP rank holds fc1 rows
+// [F/tp] (GLU: [gate_r; up_r]) and its bias, fc2 columns [F/tp] and the whole
+// fc2 bias (common/module_params.h local_shard_spec: the catalogue's mlp
+// params, tp_axis 0 / 1 / -1).
+//   * tp > 1 with sequence parallelism (required when ep > 1): the dispatcher
+//     (token_dispatcher.py:105-130) all-gathers the SP-local hidden states and
+//     the routing results over the tensor-and-expert group
+//     (gather_from_sequence_parallel_region_to_moe, mappings.py
+//     _gather_along_first_dim_moe: get_tensor_and_expert_parallel_group()),
+//     every rank keeps the (token, slot) pairs of its local experts, the
+//     experts run with explicit_expert_comm (layers.py:708, 922: fc1 does not
+//     gather, fc2 does not reduce: partial sums), and token_unpermutation
+//     (token_dispatcher.py:219-249) scatter-adds and reduce-scatters over the
+//     same group, which sums the fc2 partials over TP and returns each rank
+//     its own SP-local rows. The router ran before the gather, on the rank's
+//     SP-local [s/tp, b, h] tokens (moe_layer.py:68): the token group of the
+//     aux loss, z-loss and capacity is the SP slice.
+//     Here: the router and the pairs stay on the SP-local tokens, the EP
+//     all-to-all moves them to the expert's owner among the ranks of the same
+//     TP index (the expert group), and each expert runs as an ordinary
+//     SP-mode MLP over the TP group: column-parallel fc1 all-gathers the TP
+//     ranks' rows of that expert, row-parallel fc2 reduce-scatters them back,
+//     summing the partials. The row set an expert's shard multiplies is the
+//     same as Megatron's (every pair of the tensor-and-expert group routed to
+//     it); all-gather and reduce-scatter need equal blocks, so each rank pads
+//     its rows of an expert with zero rows to the TP group's maximum (zero
+//     rows get a zero gradient: they add nothing to any weight gradient).
+//     Backward: fc2 all-gathers dy, fc1 reduce-scatters dx, as Megatron's
+//     all-gather's backward (reduce-scatter over the group) sums the dgrad
+//     partials; expert weight gradients are those of the TP shard (no TP
+//     reduction); the router weight and the fc2 bias are replicated and see
+//     the SP-local tokens, so their gradients are all-reduced over TP
+//     (sequence_parallel attribute: router.py:47, layers.py:917;
+//     finalize_model_grads.py _allreduce_layernorm_grads; run_case's
+//     GradReduce::kTensorIfSequence). Megatron's bias path divides the
+//     reduce-scattered sum of the tp identical fc2 biases by tp
+//     (token_dispatcher.py:245-249): the same value as the bias of the rank's
+//     own pairs computed here.
+//   * tp > 1 without sequence parallelism (ep = 1): no gather
+//     (token_dispatcher.py:131-143), every TP rank holds all tokens and
+//     routes them identically; the experts are plain TP MLPs (fc1 input
+//     copy_to_tensor_model_parallel_region, fc2 all-reduce): mlp_forward's
+//     non-SP path, no padding (the row counts agree).
+std::vector<int64_t> expert_block_rows(ModelContext& m, const std::vector<int64_t>& rows) {
+  if (m.tp() == 1 || !m.sequence_parallel()) return rows;
+  const std::vector<int64_t> all = m.comm.all_gather_ints(rows, m.ps.tp);
+  std::vector<int64_t> pad(rows.size(), 0);
+  for (size_t r = 0; r < static_cast<size_t>(m.tp()); ++r) {
+    for (size_t le = 0; le < rows.size(); ++le) pad[le] = std::max(pad[le], all[r * rows.size() + le]);
+  }
+  return pad;
+}
+
+// Rows [at, at + n) of t, padded with zero rows to `rows` rows.
+DTensor padded_block(ModelContext& m, const DTensor& t, int64_t at, int64_t n, int64_t rows) {
+  if (rows == n) return t.slice0(at, n);
+  DTensor out = m.be.zeros(t.dtype(), {rows, t.cols()});
+  if (n > 0) {
+    DTensor dst = out.slice0(0, n);
+    m.be.copy(t.slice0(at, n), dst);
+  }
+  return out;
+}
+
 // Capacity (apply_router_token_dropping) and the per-expert processed token
 // lists: routing_map[t, e] -> for each expert, its tokens ascending and slots.
 void route_tokens(ModelContext& m, MoeSaved::State& s, std::vector<std::vector<int64_t>>& tokens,
@@ -435,11 +510,15 @@ double combine_weight(const MoeSaved::State& s, int64_t pair) {
 
 }  // namespace
 
-DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::string& path, const DTensor& x,
-                    const TokenLayout& tokens, MoeSaved& saved) {
+namespace {
+
+// The set-up shared by the layer and the router component: sizes, dtypes,
+// the router mode and the input x [T, h] (the rank's token group).
+std::shared_ptr<MoeSaved::State> start_state(ModelContext& m, const std::string& prefix, const DTensor& x,
+                                             const TokenLayout& tokens, bool layer) {
   const TransformerConfig& cfg = m.cfg;
   if (!cfg.num_moe_experts) throw Error("MoE: num_moe_experts is not set");
-  check_supported(m, *cfg.num_moe_experts);
+  check_supported(m, *cfg.num_moe_experts, layer);
   auto st = std::make_shared<MoeSaved::State>();
   MoeSaved::State& s = *st;
   s.prefix = prefix;
@@ -468,14 +547,19 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
   s.fp32 = DType::F32;  // Megatron's softmax(dtype=float32), also in a float64 model
   s.scaled = cfg.moe_router_topk_scaling_factor && *cfg.moe_router_topk_scaling_factor != 0.0;
   s.scale = s.scaled ? *cfg.moe_router_topk_scaling_factor : 1.0;
-  const int64_t T = s.T, E = s.E, k = s.k, h = s.h;
+  return st;
+}
 
-  // --- router --------------------------------------------------------------
-  router_forward(m, prefix, path, s);
+// The router on the rank's token group: routing decision, losses, capacity;
+// the router outputs go to `saved`, the processed (token, slot) lists per
+// expert to ex_tokens / ex_slots.
+void run_router(ModelContext& m, const std::string& router, const std::string& jitter_path, MoeSaved::State& s,
+                MoeSaved& saved, std::vector<std::vector<int64_t>>& ex_tokens,
+                std::vector<std::vector<int64_t>>& ex_slots) {
+  const int64_t T = s.T, E = s.E, k = s.k;
+  router_forward(m, router, jitter_path, s);
   router_losses(m, s, saved);
-  std::vector<std::vector<int64_t>> ex_tokens, ex_slots;
   route_tokens(m, s, ex_tokens, ex_slots);
-
   saved.router_logits = host_f64(s.logits, {T, E});
   saved.router_scores = host_f64(s.scores, {T, k});
   saved.router_indices = Tensor(DType::I64, {T, k});
@@ -484,6 +568,116 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
   for (int64_t e = 0; e < E; ++e) {
     saved.tokens_per_expert[static_cast<size_t>(e)] = static_cast<int64_t>(ex_tokens[static_cast<size_t>(e)].size());
   }
+}
+
+// The router backward on the host, then the gating GEMMs: d_scores [T, k]
+// (the gradient of the routing scores; dropped slots ignored), the aux and
+// z losses with gradient 1. Accumulates the router's weight (and bias)
+// gradients; returns the router's part of dx [T, h].
+DTensor router_backward(ModelContext& m, const std::string& router, const MoeSaved::State& s,
+                        const std::vector<double>& d_scores) {
+  const int64_t T = s.T, E = s.E, k = s.k, h = s.h;
+  const TransformerConfig& cfg = m.cfg;
+  std::vector<double> dz(static_cast<size_t>(T * E), 0.0);
+  std::vector<double> gs(static_cast<size_t>(k)), dp(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const size_t pj = static_cast<size_t>(t * k + j);
+      const double gval = s.kept[pj] ? rnd(d_scores[pj], s.routing) : 0.0;
+      gs[static_cast<size_t>(j)] = rnd(gval * s.scale, s.fp32);
+    }
+    const int64_t* idx = &s.indices[static_cast<size_t>(t * k)];
+    double* dzr = &dz[static_cast<size_t>(t * E)];
+    if (s.mode == Mode::kSinkhorn) {
+      const double* a = &s.activation[static_cast<size_t>(t * E)];
+      auto g_of = [&](int64_t j) {
+        const size_t pj = static_cast<size_t>(t * k + j);
+        return s.kept[pj] ? rnd(d_scores[pj], s.routing) : 0.0;
+      };
+      if (k == 1) {
+        const double sv = a[idx[0]];
+        dzr[idx[0]] += rnd(g_of(0) * sv * (1.0 - sv), s.routing);
+      } else {
+        std::fill(dp.begin(), dp.end(), 0.0);
+        for (int64_t j = 0; j < k; ++j) dp[static_cast<size_t>(idx[j])] = g_of(j);
+        const double dot = math::softmax_backward_dot(a, dp.data(), E);
+        for (int64_t e = 0; e < E; ++e) {
+          dzr[e] += rnd(rnd(a[e] * (dp[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
+        }
+      }
+    } else if (s.mode == Mode::kTopkThenSoftmax) {
+      const double* sm = &s.topk_softmax[static_cast<size_t>(t * k)];
+      const double dot = math::softmax_backward_dot(sm, gs.data(), k);
+      for (int64_t j = 0; j < k; ++j) {
+        dzr[idx[j]] += rnd(rnd(sm[j] * (gs[static_cast<size_t>(j)] - dot), s.fp32), s.routing);
+      }
+    } else {
+      std::fill(dp.begin(), dp.end(), 0.0);
+      for (int64_t j = 0; j < k; ++j) dp[static_cast<size_t>(idx[j])] = gs[static_cast<size_t>(j)];
+      const double* a = &s.activation[static_cast<size_t>(t * E)];
+      const double dot = math::softmax_backward_dot(a, dp.data(), E);
+      for (int64_t e = 0; e < E; ++e) dzr[e] += rnd(rnd(a[e] * (dp[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
+    }
+  }
+  if (cfg.moe_router_load_balancing_type == "aux_loss" && !s.aux_probs.empty()) {
+    std::vector<double> gegrad(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      gegrad[static_cast<size_t>(e)] =
+          math::aux_loss_prob_grad<double>(E, cfg.moe_aux_loss_coeff, s.aux_counts[static_cast<size_t>(e)], k, T);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const double* p = &s.aux_probs[static_cast<size_t>(t * E)];
+      const double dot = math::softmax_backward_dot(p, gegrad.data(), E);
+      for (int64_t e = 0; e < E; ++e) {
+        dz[static_cast<size_t>(t * E + e)] +=
+            rnd(rnd(p[e] * (gegrad[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
+      }
+    }
+  }
+  for (double& v : dz) v = rnd(v, s.routing);
+  std::vector<double> dl(static_cast<size_t>(T * E));
+  for (size_t i = 0; i < dl.size(); ++i) dl[i] = s.jitter.empty() ? dz[i] : rnd(dz[i] * s.jitter[i], s.router);
+  if (cfg.moe_z_loss_coeff) {
+    std::vector<double> sm(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+      const double* lr = &s.logits[static_cast<size_t>(t * E)];
+      math::softmax_row(lr, sm.data(), E);
+      const double lse = math::logsumexp_row(lr, E);
+      const double c = *cfg.moe_z_loss_coeff * 2.0 * lse / static_cast<double>(T);
+      for (int64_t e = 0; e < E; ++e)
+        dl[static_cast<size_t>(t * E + e)] += rnd(c * sm[static_cast<size_t>(e)], s.router);
+    }
+    for (double& v : dl) v = rnd(v, s.router);
+  }
+  const DTensor d_logits = m.be.upload(host_f64(dl, {T, E}), s.router);
+  Param& w = m.param(router + "weight");
+  {
+    DTensor dw = m.be.empty(s.act, {E, h});
+    m.be.gemm(d_logits, true, s.x, false, dw);
+    accumulate_grad(m, w, dw);
+  }
+  if (m.has_param(router + "bias")) {
+    Param& b = m.param(router + "bias");
+    DTensor db = m.be.empty(s.act, {E});
+    m.be.bias_grad(d_logits, db, false);
+    accumulate_grad(m, b, db);
+  }
+  DTensor dx_router = m.be.empty(s.act, {T, h});
+  m.be.gemm(d_logits, false, w.value, false, dx_router);
+  return dx_router;
+}
+
+}  // namespace
+
+DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::string& path, const DTensor& x,
+                    const TokenLayout& tokens, MoeSaved& saved) {
+  auto st = start_state(m, prefix, x, tokens, /*layer=*/true);
+  MoeSaved::State& s = *st;
+  const int64_t T = s.T, E = s.E, k = s.k, h = s.h;
+
+  // --- router: on the rank's own (SP-local) tokens ---------------------------
+  std::vector<std::vector<int64_t>> ex_tokens, ex_slots;
+  run_router(m, prefix + "router.", path.empty() ? "router" : path + ".router", s, saved, ex_tokens, ex_slots);
 
   // --- dispatch ------------------------------------------------------------
   s.send_counts.assign(static_cast<size_t>(s.ep), 0);
@@ -525,18 +719,21 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
   const DTensor xr = exchange(m, xs, s.send_counts, s.recv_counts);
   const DTensor xe = gather(m, xr, s.regroup);
 
-  // --- experts -------------------------------------------------------------
+  // --- experts (TP-sharded MLPs, see expert_block_rows) ------------------------
   const int64_t n_recv = static_cast<int64_t>(s.regroup.size());
   DTensor ye = m.empty({n_recv, h});
   s.mlp.assign(static_cast<size_t>(s.e_loc), MlpSaved{});
+  s.expert_pad = expert_block_rows(m, s.expert_rows);
   int64_t at = 0;
   for (int64_t le = 0; le < s.e_loc; ++le) {
-    const int64_t n = s.expert_rows[static_cast<size_t>(le)];
-    if (n > 0) {
-      const DTensor out =
-          mlp_forward(m, expert_prefix(prefix, s.first + le), xe.slice0(at, n), s.mlp[static_cast<size_t>(le)]);
-      DTensor dst = ye.slice0(at, n);
-      m.be.copy(out, dst);
+    const int64_t n = s.expert_rows[static_cast<size_t>(le)], pad = s.expert_pad[static_cast<size_t>(le)];
+    if (pad > 0) {
+      const DTensor out = mlp_forward(m, expert_prefix(prefix, s.first + le), padded_block(m, xe, at, n, pad),
+                                      s.mlp[static_cast<size_t>(le)]);
+      if (n > 0) {
+        DTensor dst = ye.slice0(at, n);
+        m.be.copy(out.slice0(0, n), dst);
+      }
     }
     at += n;
   }
@@ -653,12 +850,15 @@ DTensor moe_backward(ModelContext& m, const std::string& prefix, const DTensor& 
   DTensor dxe = m.empty({n_recv, h});
   int64_t at = 0;
   for (int64_t le = 0; le < s.e_loc; ++le) {
-    const int64_t n = s.expert_rows[static_cast<size_t>(le)];
+    const int64_t n = s.expert_rows[static_cast<size_t>(le)], pad = s.expert_pad[static_cast<size_t>(le)];
     const std::string ep = expert_prefix(prefix, s.first + le);
-    if (n > 0) {
-      const DTensor d = mlp_backward(m, ep, ge.slice0(at, n), s.mlp[static_cast<size_t>(le)]);
-      DTensor dst = dxe.slice0(at, n);
-      m.be.copy(d, dst);
+    if (pad > 0) {
+      // Padding rows carry a zero gradient: nothing of them reaches a weight.
+      const DTensor d = mlp_backward(m, ep, padded_block(m, ge, at, n, pad), s.mlp[static_cast<size_t>(le)]);
+      if (n > 0) {
+        DTensor dst = dxe.slice0(at, n);
+        m.be.copy(d.slice0(0, n), dst);
+      }
     } else {
       // Megatron's expert still sees an (empty) input: zero gradients.
       for (const char* name : {"linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight"}) {
@@ -718,94 +918,43 @@ DTensor moe_backward(ModelContext& m, const std::string& prefix, const DTensor& 
   }
 
   // --- router backward (host), then the gating GEMMs ---------------------------
-  const TransformerConfig& cfg = m.cfg;
-  std::vector<double> dz(static_cast<size_t>(T * E), 0.0);
-  std::vector<double> gs(static_cast<size_t>(k)), dp(static_cast<size_t>(E));
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < k; ++j) {
-      const size_t pj = static_cast<size_t>(t * k + j);
-      const double gval = s.kept[pj] ? rnd(d_scores[pj], s.routing) : 0.0;
-      gs[static_cast<size_t>(j)] = rnd(gval * s.scale, s.fp32);
-    }
-    const int64_t* idx = &s.indices[static_cast<size_t>(t * k)];
-    double* dzr = &dz[static_cast<size_t>(t * E)];
-    if (s.mode == Mode::kSinkhorn) {
-      const double* a = &s.activation[static_cast<size_t>(t * E)];
-      auto g_of = [&](int64_t j) {
-        const size_t pj = static_cast<size_t>(t * k + j);
-        return s.kept[pj] ? rnd(d_scores[pj], s.routing) : 0.0;
-      };
-      if (k == 1) {
-        const double sv = a[idx[0]];
-        dzr[idx[0]] += rnd(g_of(0) * sv * (1.0 - sv), s.routing);
-      } else {
-        std::fill(dp.begin(), dp.end(), 0.0);
-        for (int64_t j = 0; j < k; ++j) dp[static_cast<size_t>(idx[j])] = g_of(j);
-        const double dot = math::softmax_backward_dot(a, dp.data(), E);
-        for (int64_t e = 0; e < E; ++e) {
-          dzr[e] += rnd(rnd(a[e] * (dp[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
-        }
-      }
-    } else if (s.mode == Mode::kTopkThenSoftmax) {
-      const double* sm = &s.topk_softmax[static_cast<size_t>(t * k)];
-      const double dot = math::softmax_backward_dot(sm, gs.data(), k);
-      for (int64_t j = 0; j < k; ++j) {
-        dzr[idx[j]] += rnd(rnd(sm[j] * (gs[static_cast<size_t>(j)] - dot), s.fp32), s.routing);
-      }
-    } else {
-      std::fill(dp.begin(), dp.end(), 0.0);
-      for (int64_t j = 0; j < k; ++j) dp[static_cast<size_t>(idx[j])] = gs[static_cast<size_t>(j)];
-      const double* a = &s.activation[static_cast<size_t>(t * E)];
-      const double dot = math::softmax_backward_dot(a, dp.data(), E);
-      for (int64_t e = 0; e < E; ++e) dzr[e] += rnd(rnd(a[e] * (dp[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
-    }
-  }
-  if (cfg.moe_router_load_balancing_type == "aux_loss" && !s.aux_probs.empty()) {
-    std::vector<double> gegrad(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) {
-      gegrad[static_cast<size_t>(e)] =
-          math::aux_loss_prob_grad<double>(E, cfg.moe_aux_loss_coeff, s.aux_counts[static_cast<size_t>(e)], k, T);
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const double* p = &s.aux_probs[static_cast<size_t>(t * E)];
-      const double dot = math::softmax_backward_dot(p, gegrad.data(), E);
-      for (int64_t e = 0; e < E; ++e) {
-        dz[static_cast<size_t>(t * E + e)] +=
-            rnd(rnd(p[e] * (gegrad[static_cast<size_t>(e)] - dot), s.fp32), s.routing);
-      }
-    }
-  }
-  for (double& v : dz) v = rnd(v, s.routing);
-  std::vector<double> dl(static_cast<size_t>(T * E));
-  for (size_t i = 0; i < dl.size(); ++i) dl[i] = s.jitter.empty() ? dz[i] : rnd(dz[i] * s.jitter[i], s.router);
-  if (cfg.moe_z_loss_coeff) {
-    std::vector<double> sm(static_cast<size_t>(E));
-    for (int64_t t = 0; t < T; ++t) {
-      const double* lr = &s.logits[static_cast<size_t>(t * E)];
-      math::softmax_row(lr, sm.data(), E);
-      const double lse = math::logsumexp_row(lr, E);
-      const double c = *cfg.moe_z_loss_coeff * 2.0 * lse / static_cast<double>(T);
-      for (int64_t e = 0; e < E; ++e)
-        dl[static_cast<size_t>(t * E + e)] += rnd(c * sm[static_cast<size_t>(e)], s.router);
-    }
-    for (double& v : dl) v = rnd(v, s.router);
-  }
-  const DTensor d_logits = m.be.upload(host_f64(dl, {T, E}), s.router);
-  Param& w = m.param(prefix + "router.weight");
-  {
-    DTensor dw = m.be.empty(s.act, {E, h});
-    m.be.gemm(d_logits, true, s.x, false, dw);
-    accumulate_grad(m, w, dw);
-  }
-  if (m.has_param(prefix + "router.bias")) {
-    Param& b = m.param(prefix + "router.bias");
-    DTensor db = m.be.empty(s.act, {E});
-    m.be.bias_grad(d_logits, db, false);
-    accumulate_grad(m, b, db);
-  }
-  DTensor dx_router = m.be.empty(s.act, {T, h});
-  m.be.gemm(d_logits, false, w.value, false, dx_router);
+  const DTensor dx_router = router_backward(m, prefix + "router.", s, d_scores);
   m.be.axpby(1.0f, dx, 1.0f, dx_router, dx);
+  const std::vector<int64_t> shape = s.x_shape;
+  saved.state.reset();
+  return dx.view(shape);
+}
+
+// The moe_router component: TopKRouter alone on the rank's tokens (a DP
+// slice; under SP the SP-local rows, as the router inside MoELayer sees
+// them). The case's L = sum(router_scores * grad_output) + aux_loss + z_loss
+// (reference/README.md).
+void moe_router_forward(ModelContext& m, const std::string& prefix, const std::string& path, const DTensor& x,
+                        const TokenLayout& tokens, MoeSaved& saved) {
+  auto st = start_state(m, prefix, x, tokens, /*layer=*/false);
+  std::vector<std::vector<int64_t>> ex_tokens, ex_slots;
+  run_router(m, prefix, path, *st, saved, ex_tokens, ex_slots);
+  saved.output_bias = DTensor();
+  saved.state = st;
+}
+
+DTensor moe_router_backward(ModelContext& m, const std::string& prefix, const DTensor& d_scores,
+                            const TokenLayout& tokens, MoeSaved& saved) {
+  if (!saved.state) throw Error("moe_router_backward: no saved forward state");
+  const MoeSaved::State& s = *saved.state;
+  if (prefix != s.prefix) {
+    throw Error(fmt::format("moe_router_backward: prefix '{}' but the forward ran '{}'", prefix, s.prefix));
+  }
+  if (d_scores.numel() != s.T * s.k) {
+    throw Error(fmt::format("moe_router_backward: the scores' gradient is {}, expected [{}, {}]", d_scores.describe(),
+                            s.T, s.k));
+  }
+  if (tokens.hidden_rows() != 0 && tokens.hidden_rows() != s.T) {
+    throw Error(fmt::format("moe_router_backward: {} token rows, the token layout {}", s.T, tokens.hidden_rows()));
+  }
+  // Megatron's scores are in the routing dtype; the gradient arrives in it.
+  std::vector<double> ds = to_host(m.be, d_scores);
+  const DTensor dx = router_backward(m, prefix, s, ds);
   const std::vector<int64_t> shape = s.x_shape;
   saved.state.reset();
   return dx.view(shape);

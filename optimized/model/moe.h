@@ -7,7 +7,8 @@
 // Token groups: as in Megatron, the router sees the rank's local tokens (the
 // SP-local rows of a DP/CP shard): capacity, the aux loss and the z-loss are
 // computed over them, so a sharded run equals the reference run on each
-// rank's tokens, not on the whole batch.
+// rank's tokens, not on the whole batch. Under tensor parallelism the experts
+// are TP-sharded MLPs (moe.cpp, "Expert MLPs under tensor parallelism").
 #pragma once
 
 #include <optional>
@@ -44,5 +45,18 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
 // scale). Returns dx [T, h].
 DTensor moe_backward(ModelContext& m, const std::string& prefix, const DTensor& dy, const DTensor* dy_bias,
                      const TokenLayout& tokens, MoeSaved& saved);
+
+// The router alone (the moe_router component, TopKRouter): prefix is the
+// router's key prefix ("" in a moe_router case: keys "weight", "bias"), path
+// its RNG path (jitter draws: "moe_jitter.<path>", "" for a case). Fills the
+// router outputs of the rank's tokens x [T, h] in saved (output_bias stays
+// undefined; tokens_per_expert after capacity, as the reference's router).
+void moe_router_forward(ModelContext& m, const std::string& prefix, const std::string& path, const DTensor& x,
+                        const TokenLayout& tokens, MoeSaved& saved);
+// d_scores: the gradient of router_scores [T, k] (dropped slots get none);
+// the aux and z losses enter with gradient 1. Accumulates the router's
+// weight gradients; returns dx [T, h].
+DTensor moe_router_backward(ModelContext& m, const std::string& prefix, const DTensor& d_scores,
+                            const TokenLayout& tokens, MoeSaved& saved);
 
 }  // namespace paritron::opt

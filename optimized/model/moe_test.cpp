@@ -7,7 +7,10 @@
 // slice; an expert's gradient is the sum over the EP ranks' slices), F64
 // (truth: ~1e-11) and F32 (vs the F32-emulating reference and vs the truth).
 // Also the router math of optimized/math/router.h and the unsupported
-// configurations' errors.
+// configurations' errors; tensor (+ sequence) parallelism through the runner
+// (optimized/run_case.h), against the reference on each rank's token group
+// (a data-parallel slice x the rank's s / tp sequence positions), for the
+// moe_layer and moe_router components.
 #include "optimized/model/moe.h"
 
 #include <gtest/gtest.h>
@@ -26,6 +29,7 @@
 #include "optimized/backend.h"
 #include "optimized/comm/run_ranks.h"
 #include "optimized/math/router.h"
+#include "optimized/run_case.h"
 #include "reference/make_case.h"
 #include "reference/run_case.h"
 
@@ -555,6 +559,186 @@ TEST(MoeLayer, RouterBiasAndAnIdleEpRank) {
 }
 
 // ---------------------------------------------------------------------------
+// Tensor and sequence parallelism through the runner.
+
+// [s, b, ...] rows (i in [s0, s0 + sn), j in [b0, b0 + bn)); a moe_router
+// case's grad_output [s*b, k] is taken as [s, b, k].
+Tensor token_block(const Tensor& t, int64_t S, int64_t B, int64_t s0, int64_t sn, int64_t b0, int64_t bn) {
+  const int64_t inner = t.numel() / (S * B);
+  std::vector<double> v;
+  for (int64_t i = s0; i < s0 + sn; ++i) {
+    for (int64_t j = b0; j < b0 + bn; ++j) {
+      for (int64_t c = 0; c < inner; ++c) v.push_back(t.get((i * B + j) * inner + c));
+    }
+  }
+  Shape shape = t.shape();
+  if (t.dim() >= 2 && shape[0] == S && shape[1] == B) {
+    shape[0] = sn;
+    shape[1] = bn;
+  } else {
+    shape = {sn * bn, inner};
+  }
+  return Tensor::from_values(t.dtype(), shape, v);
+}
+
+// The reference on each token group of a cp = 1 layout with one micro-batch:
+// the rows of every token result, sums of the rest (counts, losses, weight grads).
+std::map<std::string, Tensor> expected_by_groups(const Case& c, const ParallelConfig& pc, DType dtype) {
+  const Shape& x = c.tensors.at("inputs.hidden_states").shape();
+  const int64_t S = x[0], B = x[1];
+  const int64_t dp = pc.data_parallel_size, sp = pc.sequence_parallel ? pc.tensor_model_parallel_size : 1;
+  const int64_t bn = B / dp, sn = S / sp;
+  ref::ReferenceOptions o;
+  o.dtype = dtype;
+  std::map<std::string, Tensor> total;
+  for (int64_t d = 0; d < dp; ++d) {
+    for (int64_t q = 0; q < sp; ++q) {
+      Case sub = c;
+      for (auto it = sub.tensors.begin(); it != sub.tensors.end();) {
+        if (it->first.rfind("outputs.", 0) == 0 || it->first.rfind("grads.", 0) == 0) {
+          it = sub.tensors.erase(it);
+          continue;
+        }
+        if (it->first.rfind("inputs.", 0) == 0) it->second = token_block(it->second, S, B, q * sn, sn, d * bn, bn);
+        ++it;
+      }
+      for (auto& [name, t] : ref::run_reference(sub, o).tensors) {
+        if (name.rfind("outputs.intermediate.", 0) == 0) continue;  // one group's internals
+        const bool rows = name == "outputs.output" || name == "outputs.output_bias" ||
+                          name == "grads.inputs.hidden_states" || name.rfind("outputs.router_", 0) == 0;
+        auto it = total.find(name);
+        if (it == total.end()) {
+          Shape shape = t.shape();
+          if (rows && t.dim() == 3) shape[0] = S, shape[1] = B;
+          if (rows && t.dim() == 2) shape[0] = S * B;
+          it = total.emplace(name, Tensor(DType::F64, shape)).first;
+        }
+        const int64_t inner = rows ? t.numel() / (sn * bn) : 0;
+        for (int64_t i = 0; i < t.numel(); ++i) {
+          if (!rows) {
+            it->second.set(i, it->second.get(i) + t.get(i));
+            continue;
+          }
+          const int64_t row = i / inner, si = row / bn, bj = row % bn;
+          it->second.set(((q * sn + si) * B + d * bn + bj) * inner + i % inner, t.get(i));
+        }
+      }
+    }
+  }
+  return total;
+}
+
+void expect_layout(const Case& c, const std::string& layout, DType dtype, double rtol) {
+  const ParallelConfig pc = ParallelConfig::parse_layout(layout);
+  OptimizedOptions o;
+  o.dtype = dtype;
+  const OptimizedResult got = ::paritron::opt::run_optimized(c, pc, o);
+  const auto want = expected_by_groups(c, pc, dtype);
+  int compared = 0;
+  for (const auto& [name, w] : want) {
+    if (name.rfind("outputs.intermediate.", 0) == 0) continue;
+    auto it = got.tensors.find(name);
+    ASSERT_NE(it, got.tensors.end()) << layout << ": the optimized run lacks " << name;
+    ASSERT_EQ(it->second.numel(), w.numel()) << layout << ": " << name << " " << shape_string(it->second.shape())
+                                             << " vs " << shape_string(w.shape());
+    if (!is_floating(w.dtype()) || name == "outputs.tokens_per_expert" || name == "outputs.router_indices") {
+      for (int64_t i = 0; i < w.numel(); ++i) ASSERT_EQ(it->second.get(i), w.get(i)) << layout << ": " << name << " " << i;
+    } else {
+      expect_close(it->second, w, rtol, layout + " " + std::string(dtype_name(dtype)) + ": " + name);
+    }
+    ++compared;
+  }
+  EXPECT_GE(compared, c.component == "moe_router" ? 6 : 12) << layout;
+}
+
+Case make_case_of(const Spec& sp, const std::string& component) {
+  ref::MakeCaseOptions o;
+  o.component = component;
+  o.config = config_of(sp);
+  o.seed = sp.seed;
+  o.seq_length = sp.s;
+  o.micro_batch_size = sp.b;
+  o.backward = true;
+  o.taps = false;
+  return ref::make_case(o);
+}
+
+void four_heads(TransformerConfig& c) {  // (tp4 needs heads divisible by 4)
+  c.num_attention_heads = 4;
+  c.kv_channels = 4;
+}
+
+Spec tp_spec() {
+  Spec sp;
+  sp.s = 8;
+  sp.b = 4;
+  sp.edit = [](TransformerConfig& c) {
+    four_heads(c);
+    c.moe_aux_loss_coeff = 0.01;
+    c.moe_z_loss_coeff = 0.001;
+  };
+  return sp;
+}
+
+TEST(MoeLayerTensorParallel, SequenceParallelLayouts) {
+  const Case c = make_case_of(tp_spec(), "moe_layer");
+  for (const char* layout : {"tp2-sp", "tp2-dp2-sp", "tp2-ep2-dp2-sp", "tp4-sp", "tp2"}) {
+    expect_layout(c, layout, DType::F64, 1e-10);
+    expect_layout(c, layout, DType::F32, 1e-5);
+  }
+}
+
+TEST(MoeLayerTensorParallel, CapacityDroppingAndPadding) {
+  for (const auto& [factor, pad] : std::vector<std::pair<double, bool>>{{0.5, false}, {1.0, false}, {0.5, true}}) {
+    Spec sp = tp_spec();
+    sp.edit = [factor, pad](TransformerConfig& c) {
+      four_heads(c);
+      c.moe_aux_loss_coeff = 0.01;
+      c.moe_expert_capacity_factor = factor;
+      c.moe_pad_expert_input_to_capacity = pad;
+    };
+    const Case c = make_case_of(sp, "moe_layer");
+    for (const char* layout : {"tp2-sp", "tp2-dp2-sp", "tp2-ep2-dp2-sp"}) expect_layout(c, layout, DType::F64, 1e-10);
+  }
+}
+
+TEST(MoeLayerTensorParallel, GatedTop1WithoutBias) {
+  Spec sp = tp_spec();
+  sp.k = 1;
+  sp.gated = true;
+  sp.activation = "silu";
+  sp.bias = false;
+  const Case c = make_case_of(sp, "moe_layer");
+  for (const char* layout : {"tp2-sp", "tp2-ep2-dp2-sp"}) {
+    expect_layout(c, layout, DType::F64, 1e-10);
+    expect_layout(c, layout, DType::F32, 1e-5);
+  }
+}
+
+TEST(MoeRouterComponent, DataAndSequenceParallel) {
+  Spec sp = tp_spec();
+  const auto base = sp.edit;
+  sp.edit = [base](TransformerConfig& c) {
+    base(c);
+    c.moe_expert_capacity_factor = 1.0;
+  };
+  const Case c = make_case_of(sp, "moe_router");
+  for (const char* layout : {"tp1", "dp2", "tp2-sp", "tp2-dp2-sp"}) {
+    expect_layout(c, layout, DType::F64, 1e-10);
+    expect_layout(c, layout, DType::F32, 1e-5);
+  }
+  Spec jitter = tp_spec();
+  jitter.training = true;
+  jitter.edit = [](TransformerConfig& c) {
+    four_heads(c);
+    c.moe_input_jitter_eps = 0.05;
+    c.moe_router_pre_softmax = true;
+  };
+  const Case j = make_case_of(jitter, "moe_router");
+  for (const char* layout : {"dp2", "tp2-sp"}) expect_layout(j, layout, DType::F64, 1e-10);
+}
+
+// ---------------------------------------------------------------------------
 // Unsupported configurations throw, naming the field.
 
 void expect_unsupported(const std::function<void(TransformerConfig&)>& edit, const std::string& needle, int64_t tp = 1,
@@ -590,7 +774,6 @@ TEST(MoeLayer, UnsupportedConfigsThrow) {
       "moe_grouped_gemm");
   expect_unsupported([](TransformerConfig& c) { c.moe_router_dtype = "fp32"; }, "moe_router_dtype", 1, DType::BF16);
   expect_unsupported([](TransformerConfig& c) { c.moe_router_dtype = "fp64"; }, "moe_router_dtype", 1, DType::F32);
-  expect_unsupported([](TransformerConfig&) {}, "tensor_model_parallel_size > 1", 2);
 }
 
 }  // namespace
