@@ -117,9 +117,13 @@ struct RopeArgs {
 
 // Bias + activation (+ GLU): x [T, f] (or [T, 2f] for GLU: the first half is
 // activated, the second multiplies, Megatron's chunk(2)), bias [f or 2f].
+// fused = false is Megatron's unfused path (bias_activation_fusion off):
+// `x + bias` and, for GLU, act(first half) are tensors of the dtype, rounded
+// before the next step; the fused kernels keep them in fp32.
 struct ActivationArgs {
   ActivationKind kind = ActivationKind::kGelu;
   bool glu = false;
+  bool fused = true;
 };
 
 // Bias-dropout-add (megatron/core/fusions/fused_bias_dropout.py):

@@ -193,17 +193,20 @@ void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
     const int64_t expert = expert_of_key(key);
     if (expert >= 0 && expert / per_rank != p.ps.coord.ep) continue;
     auto spec = catalogue.find(key);
-    if (spec == catalogue.end() && c.config.num_moe_experts && key.size() >= 11 &&
-        key.compare(key.size() - 11, 11, "router.bias") == 0) {
-      // router.bias (core 0.15+, add_bias_linear): replicated like the router weight.
+    const bool router_bias = (c.component == "moe_router" && key == "bias") ||
+                             (key.size() >= 11 && key.compare(key.size() - 11, 11, "router.bias") == 0);
+    if (spec == catalogue.end() && c.config.num_moe_experts && router_bias) {
+      // router.bias (core 0.15+, add_bias_linear; "bias" in a moe_router case):
+      // replicated like the router weight.
       ParamSpec bias;
       bias.key = key;
       bias.shape = {*c.config.num_moe_experts};
       spec = catalogue.emplace(key, bias).first;
     }
     if (spec == catalogue.end()) {
-      throw Error(fmt::format("{}: not a parameter the optimized {} knows (router.expert_bias and GroupedMLP "
-                              "weights are not supported there yet)",
+      throw Error(fmt::format("{}: not a parameter of the optimized {} under this config (a misspelt "
+                              "key, or router.expert_bias / GroupedMLP weights, which the optimized side does not "
+                              "run yet)",
                               name, c.component));
     }
     if (tensor.shape() != spec->second.shape) {
@@ -495,6 +498,8 @@ std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelCo
     return issues;
   }
   for (const ConfigIssue& i : pc.check()) issues.push_back(i.message());
+  // Config fields the reference models and the optimized side does not: refused, never ignored.
+  if (c.config.qk_layernorm) issues.push_back("qk_layernorm is not run by the optimized side (nor the reference)");
   // A case without linears needs only its heads divisible (heads_case_issues).
   if (!is_heads_component(c.component)) {
     for (const ConfigIssue& i : check_fits(pc, c.config)) issues.push_back(i.message());

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <set>
 
 #include "common/error.h"
 #include "optimized/model/context.h"
@@ -37,6 +38,14 @@ Tensor take_group(const Tensor& t, const TokenGroup& g) {
   return out;
 }
 
+// Inputs split by name, never by shape (an encoder context [Sk, B, h] or a
+// [S, S] mask could match a shape test by accident): the [S, B, ...] token
+// inputs, and the masks with a batch dimension. A case whose other inputs
+// are per sequence (a cross-attention context) is refused by
+// expected_for_layout before it gets here.
+const std::set<std::string> kTokenInputs = {"inputs.hidden_states", "inputs.grad_output", "inputs.grad_output_bias"};
+const std::set<std::string> kBatchMasks = {"inputs.attention_mask"};
+
 Case case_for_group(const Case& c, const TokenGroup& g) {
   Case sub = c;
   const Shape& x = c.tensors.at("inputs.hidden_states").shape();
@@ -47,9 +56,9 @@ Case case_for_group(const Case& c, const TokenGroup& g) {
       const int64_t k = t.shape()[1];
       Tensor part = take_group(Tensor::from_bytes(t.dtype(), {S, B, k}, t.bytes()), g);
       t = Tensor::from_bytes(t.dtype(), {part.shape()[0] * g.n, k}, part.bytes());
-    } else if (t.dim() >= 2 && t.shape()[0] == S && t.shape()[1] == B) {
+    } else if (kTokenInputs.count(name) && t.dim() >= 2 && t.shape()[0] == S && t.shape()[1] == B) {
       t = take_group(t, g);
-    } else if (name == "inputs.attention_mask" && t.dim() == 4 && t.shape()[0] == B) {
+    } else if (kBatchMasks.count(name) && t.dim() == 4 && t.shape()[0] == B && B > 1) {
       // (only whole sequences reach here: positions are all of them)
       Tensor m(t.dtype(), {g.n, t.shape()[1], t.shape()[2], t.shape()[3]});
       const size_t per = t.nbytes() / static_cast<size_t>(B);
@@ -89,6 +98,12 @@ ref::ReferenceResult expected_for_layout(const Case& c, const ParallelConfig& pc
   if (B % dp != 0) {
     throw Error(fmt::format("{} data-parallel ranks x {} micro-batches do not divide the batch", pc.data_parallel_size,
                             micro_batches));
+  }
+  if (c.tensors.count("inputs.context") || c.tensors.count("inputs.context_mask")) {
+    throw Error(fmt::format("{} on {}: a token-coupled MoE router with cross attention would need the encoder "
+                            "context split with each token group; not supported yet (use dp1 or a dropless router "
+                            "without losses)",
+                            c.component, pc.layout_name()));
   }
   const bool token_wise = c.component == "moe_layer" || c.component == "moe_router";
   if (splits_sequences && !token_wise) {

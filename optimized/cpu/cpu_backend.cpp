@@ -847,8 +847,19 @@ void CpuBackend::rope(const RopeArgs& args, const DTensor& x, const DTensor& fre
 
 namespace {
 
+// One value rounded as round_span rounds (the unfused path's intermediate tensors).
+template <class T>
+T round_value(T v, const Rounding& r) {
+  round_span(&v, 1, r);
+  return v;
+}
+
+// `inner` rounds the intermediate tensors of Megatron's unfused MLP path
+// (bias_activation_fusion = false: `x + bias`, then activation_func(x[0]),
+// each a tensor of the dtype; reference/mlp.cpp); kNone for the fused
+// kernels, which keep them in fp32 registers.
 template <math::Act K, class T>
-void act_forward_rows(const T* x, const T* bias, T* y, int64_t rows, int64_t f, bool glu, Rounding r) {
+void act_forward_rows(const T* x, const T* bias, T* y, int64_t rows, int64_t f, bool glu, Rounding r, Rounding inner) {
   const int64_t in_w = glu ? 2 * f : f;
 #pragma omp parallel for schedule(static) if (par(rows * f))
   for (int64_t t = 0; t < rows; ++t) {
@@ -856,19 +867,20 @@ void act_forward_rows(const T* x, const T* bias, T* y, int64_t rows, int64_t f, 
     T* yr = y + t * f;
     if (glu) {
       for (int64_t c = 0; c < f; ++c) {
-        const T a = bias ? xr[c] + bias[c] : xr[c];
-        const T g = bias ? xr[f + c] + bias[f + c] : xr[f + c];
-        yr[c] = math::act_value(K, a) * g;
+        const T a = bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c];
+        const T g = bias ? round_value<T>(xr[f + c] + bias[f + c], inner) : xr[f + c];
+        yr[c] = round_value<T>(math::act_value(K, a), inner) * g;
       }
     } else {
-      for (int64_t c = 0; c < f; ++c) yr[c] = math::act_value(K, bias ? xr[c] + bias[c] : xr[c]);
+      for (int64_t c = 0; c < f; ++c) yr[c] = math::act_value(K, bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c]);
     }
     round_span(yr, f, r);
   }
 }
 
 template <math::Act K, class T>
-void act_backward_rows(const T* x, const T* bias, const T* dy, T* dx, int64_t rows, int64_t f, bool glu, Rounding r) {
+void act_backward_rows(const T* x, const T* bias, const T* dy, T* dx, int64_t rows, int64_t f, bool glu, Rounding r,
+                       Rounding inner) {
   const int64_t in_w = glu ? 2 * f : f;
 #pragma omp parallel for schedule(static) if (par(rows * f))
   for (int64_t t = 0; t < rows; ++t) {
@@ -876,12 +888,13 @@ void act_backward_rows(const T* x, const T* bias, const T* dy, T* dx, int64_t ro
     const T* dyr = dy + t * f;
     T* dxr = dx + t * in_w;
     for (int64_t c = 0; c < f; ++c) {
-      const T a = bias ? xr[c] + bias[c] : xr[c];
+      const T a = bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c];
       if (glu) {
-        const T g = bias ? xr[f + c] + bias[f + c] : xr[f + c];
+        const T g = bias ? round_value<T>(xr[f + c] + bias[f + c], inner) : xr[f + c];
         const T d = dyr[c];
-        dxr[c] = d * g * math::act_derivative(K, a);
-        dxr[f + c] = d * math::act_value(K, a);
+        // Unfused autograd through act(a) * g: d act = dy * g and act(a) are dtype tensors.
+        dxr[c] = round_value<T>(d * g, inner) * math::act_derivative(K, a);
+        dxr[f + c] = d * round_value<T>(math::act_value(K, a), inner);
       } else {
         dxr[c] = dyr[c] * math::act_derivative(K, a);
       }
@@ -911,7 +924,8 @@ void bias_act_forward_impl(const ActivationArgs& args, const DTensor& x, const D
   const T* bp = bias ? bv.data() : nullptr;
   const Rounding r = rounding_of(y);
   dispatch_act<T>(args.kind, [&](auto k) {
-    act_forward_rows<decltype(k)::value, T>(cptr<T>(x), bp, ptr<T>(y), x.rows(), f, args.glu, r);
+    act_forward_rows<decltype(k)::value, T>(cptr<T>(x), bp, ptr<T>(y), x.rows(), f, args.glu, r,
+                                            args.fused ? Rounding{} : r);
   });
 }
 
@@ -923,7 +937,8 @@ void bias_act_backward_impl(const ActivationArgs& args, const DTensor& x, const 
   const T* bp = bias ? bv.data() : nullptr;
   const Rounding r = rounding_of(dx);
   dispatch_act<T>(args.kind, [&](auto k) {
-    act_backward_rows<decltype(k)::value, T>(cptr<T>(x), bp, cptr<T>(dy), ptr<T>(dx), x.rows(), f, args.glu, r);
+    act_backward_rows<decltype(k)::value, T>(cptr<T>(x), bp, cptr<T>(dy), ptr<T>(dx), x.rows(), f, args.glu, r,
+                                             args.fused ? Rounding{} : r);
   });
 }
 

@@ -101,6 +101,11 @@ class ModelContext {
   DType grad_dtype;      // main grads: F32, or F64 for float64 runs
   bool training = false;
   uint64_t seed = 0;
+  // Linears run their GEMM inputs in fp8 when cfg.fp8 is set and this is
+  // true. MoE experts clear it: 0.5.0 builds them from the local spec's
+  // ColumnParallel/RowParallelLinear, which never run in fp8 (reference/
+  // moe_layer.cpp expert_precision).
+  bool fp8_linears = true;
 
   // Parameters by the case's key (global names, local shards).
   std::map<std::string, Param> params;

@@ -87,22 +87,21 @@ class Assembler {
           const size_t dst = static_cast<size_t>((o * n_axis + index[static_cast<size_t>(i)]) * inner + j);
           const double v = p.values[static_cast<size_t>((o * n + i) * inner + j)];
           data[dst] = p.sum ? data[dst] + v : v;
-          e.writes[dst] += p.sum ? 0 : 1;
+          e.writes[dst] += 1;
           e.summed = e.summed || p.sum;
         }
       }
     }
   }
 
-  // Every written tensor, each element written exactly once (sums excepted).
+  // Every written tensor, each element written as often as its pieces say.
   void finish(std::map<std::string, Tensor>& out) {
     for (auto& [name, e] : entries_) {
-      if (!e.summed) {
-        for (size_t i = 0; i < e.writes.size(); ++i) {
-          if (e.writes[i] != 1) {
-            throw Error(fmt::format("internal error gathering {}: element {} was written {} times", name, i,
-                                    e.writes[i]));
-          }
+      // A slice is written exactly once; a partial sum at least once.
+      for (size_t i = 0; i < e.writes.size(); ++i) {
+        if (e.summed ? e.writes[i] < 1 : e.writes[i] != 1) {
+          throw Error(fmt::format("internal error gathering {}: element {} was written {} times", name, i,
+                                  e.writes[i]));
         }
       }
       out[name] = std::move(e.tensor);
@@ -218,17 +217,16 @@ void gather_pieces(ModelContext& m, const Pieces& pieces, const Case& c, int64_t
   const std::vector<double> mine = serialise(pieces);
   const int64_t n = static_cast<int64_t>(mine.size());
   const std::vector<int64_t> sizes = m.comm.all_gather_ints(std::span<const int64_t>(&n, 1), m.ps.world);
-  constexpr int64_t kTag = 1 << 30;
   if (m.ps.rank != 0) {
     DTensor msg = m.be.upload(tensor_of(mine, {n}), DType::F64);
-    m.comm.send(msg, 0, kTag);
+    m.comm.send(msg, 0, kGatherTag);
     return;
   }
   Assembler assembler;
   for (const Piece& p : pieces) assembler.add(p);
   for (int64_t r = 1; r < m.ps.world.size(); ++r) {
     DTensor msg = m.be.empty(DType::F64, {sizes[static_cast<size_t>(r)]});
-    m.comm.recv(msg, r, kTag);
+    m.comm.recv(msg, r, kGatherTag);
     for (const Piece& p : deserialise(m.be.download(msg).to_doubles())) assembler.add(p);
   }
   assembler.finish(out);

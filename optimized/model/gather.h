@@ -19,6 +19,10 @@
 
 namespace paritron::opt {
 
+// The message tag of the final gather: MPI guarantees tags up to 32767 only
+// (the UCX transport packs them tightly), so pipeline tags stay below it.
+inline constexpr int64_t kGatherTag = 32767;
+
 struct Piece {
   std::string name;           // "outputs.output", "grads.weights.linear_fc1.weight", ...
   Shape global_shape;

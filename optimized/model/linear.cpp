@@ -28,7 +28,7 @@ void all_reduce_tensor(ModelContext& m, DTensor& x) {
 
 // run_reference runs F64 as the truth (truth_precision: no fp8) and emulates
 // fp8 only with F32/BF16/F16 activations; the optimized side does the same.
-bool fp8_enabled(const ModelContext& m) { return m.cfg.fp8.has_value() && m.dtype != DType::F64; }
+bool fp8_enabled(const ModelContext& m) { return m.cfg.fp8.has_value() && m.dtype != DType::F64 && m.fp8_linears; }
 
 void reduce_amax(ModelContext& m, std::vector<float>& amaxes) {
   // TE: fp8.py reduces the amax buffer with torch.distributed.all_reduce(op=MAX,

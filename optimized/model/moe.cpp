@@ -31,6 +31,20 @@ namespace paritron::opt {
 
 namespace {
 
+// The experts' linears never run in fp8 (ModelContext::fp8_linears): set for
+// the scope of the expert loop, restored after.
+class ExpertsWithoutFp8 {
+ public:
+  explicit ExpertsWithoutFp8(ModelContext& m) : m_(m), saved_(m.fp8_linears) { m.fp8_linears = false; }
+  ~ExpertsWithoutFp8() { m_.fp8_linears = saved_; }
+  ExpertsWithoutFp8(const ExpertsWithoutFp8&) = delete;
+  ExpertsWithoutFp8& operator=(const ExpertsWithoutFp8&) = delete;
+
+ private:
+  ModelContext& m_;
+  bool saved_;
+};
+
 double rnd(double x, DType d) {
   if (d == DType::F64) return x;
   return math::round_to(x, *float_format(d));
@@ -724,6 +738,7 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
   DTensor ye = m.empty({n_recv, h});
   s.mlp.assign(static_cast<size_t>(s.e_loc), MlpSaved{});
   s.expert_pad = expert_block_rows(m, s.expert_rows);
+  const ExpertsWithoutFp8 no_fp8(m);
   int64_t at = 0;
   for (int64_t le = 0; le < s.e_loc; ++le) {
     const int64_t n = s.expert_rows[static_cast<size_t>(le)], pad = s.expert_pad[static_cast<size_t>(le)];
@@ -848,6 +863,7 @@ DTensor moe_backward(ModelContext& m, const std::string& prefix, const DTensor& 
   // --- experts backward ------------------------------------------------------
   const int64_t n_recv = static_cast<int64_t>(s.regroup.size());
   DTensor dxe = m.empty({n_recv, h});
+  const ExpertsWithoutFp8 no_fp8(m);
   int64_t at = 0;
   for (int64_t le = 0; le < s.e_loc; ++le) {
     const int64_t n = s.expert_rows[static_cast<size_t>(le)], pad = s.expert_pad[static_cast<size_t>(le)];

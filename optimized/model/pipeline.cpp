@@ -2,6 +2,11 @@
 
 #include <algorithm>
 
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "optimized/model/gather.h"
+
 namespace paritron::opt {
 namespace {
 
@@ -73,6 +78,11 @@ class Schedule {
 
 void run_pipeline(ModelContext& m, const std::vector<StagePlan>& chunks, const std::vector<TokenLayout>& layouts,
                   const LayerArgs& args, PipelineIo& io, bool backward) {
+  if (2 * static_cast<int64_t>(chunks.size() * layouts.size()) >= kGatherTag) {
+    throw Error(fmt::format("{} model chunks x {} micro-batches need more pipeline message tags than MPI "
+                            "guarantees (32767)",
+                            chunks.size(), layouts.size()));
+  }
   Schedule s(m, chunks, layouts, args, io);
   if (s.V() > 1 || !backward) {
     for (int64_t v = 0; v < s.V(); ++v) {

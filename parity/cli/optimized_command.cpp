@@ -159,6 +159,13 @@ int run(const OptimizedCmdOptions& opts) {
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
   for (const auto& file : opts.files) {
     const Outcome v = run_case(file, pc, o, comm);
+#if PARITRON_HAVE_MPI
+    // Rank 0 computes the reference after the run, which can take longer
+    // than the comm timeout: wait for it outside the watchdog before the next
+    // case's first collective (a rank that dies still ends the job: mpirun
+    // kills the rest).
+    if (mpi) MPI_Barrier(MPI_COMM_WORLD);
+#endif
     if (!reporter) continue;
     print(v, pc.layout_name(), opts.dtype, opts.quiet);
     errors += v.error.empty() ? 0 : 1;
