@@ -3,8 +3,11 @@
 // saved log-sum-exp in the backward.
 //
 // Tiles: kBq query rows x kBk keys. Per thread the working set is a few
-// tiles (Q, S/P, O, packed K^T and V: ~100 KiB at hn = 64), so memory is O(s)
-// whatever the sequence length.
+// tiles (Q, S/P, O: ~50 KiB at hn = 64). The operands are packed once per
+// call into tile-contiguous copies (forward: K^T and V tiles; backward: Q and
+// dO tiles), so the micro-kernels read sequential memory and no tile is
+// re-packed for every tile it meets; the packs are the size of the inputs,
+// so memory stays O(s) whatever the sequence length.
 //
 // Masks are evaluated per tile: a tile is "visible" (nothing masked),
 // "masked" (everything masked) or "partial" (per-element check). Fully masked
@@ -21,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <fmt/format.h>
@@ -39,48 +43,53 @@ constexpr float kUnderflow = 104.0f;  // exp(-104) rounds to 0 in fp32
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------
-// Micro-kernel: C[M x N] (+)= A[M x K] B[K x N], row-major with strides,
-// M % 4 == 0, N % 16 == 0, any K. A 4 x 16 register block (8 accumulators:
-// enough independent FMAs to cover Zen 3's 4-cycle latency on 2 pipes); the
-// B panel (K x 16) stays in L1 while the 4-row blocks of A stream past it.
-template <bool kAccumulate>
-void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
-  for (int j = 0; j < N; j += 16) {
-    for (int i = 0; i < M; i += 4) {
-      float* c0 = C + static_cast<int64_t>(i) * ldc + j;
-      float* c1 = c0 + ldc;
-      float* c2 = c1 + ldc;
-      float* c3 = c2 + ldc;
-      __m256 r00, r01, r10, r11, r20, r21, r30, r31;
-      if constexpr (kAccumulate) {
-        r00 = _mm256_loadu_ps(c0), r01 = _mm256_loadu_ps(c0 + 8);
-        r10 = _mm256_loadu_ps(c1), r11 = _mm256_loadu_ps(c1 + 8);
-        r20 = _mm256_loadu_ps(c2), r21 = _mm256_loadu_ps(c2 + 8);
-        r30 = _mm256_loadu_ps(c3), r31 = _mm256_loadu_ps(c3 + 8);
-      } else {
-        r00 = r01 = r10 = r11 = r20 = r21 = r30 = r31 = _mm256_setzero_ps();
-      }
-      const float* a0 = A + static_cast<int64_t>(i) * lda;
-      const float* a1 = a0 + lda;
-      const float* a2 = a1 + lda;
-      const float* a3 = a2 + lda;
-      const float* b = B + j;
-      for (int k = 0; k < K; ++k, b += ldb) {
-        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-        __m256 a = _mm256_broadcast_ss(a0 + k);
-        r00 = _mm256_fmadd_ps(a, b0, r00), r01 = _mm256_fmadd_ps(a, b1, r01);
-        a = _mm256_broadcast_ss(a1 + k);
-        r10 = _mm256_fmadd_ps(a, b0, r10), r11 = _mm256_fmadd_ps(a, b1, r11);
-        a = _mm256_broadcast_ss(a2 + k);
-        r20 = _mm256_fmadd_ps(a, b0, r20), r21 = _mm256_fmadd_ps(a, b1, r21);
-        a = _mm256_broadcast_ss(a3 + k);
-        r30 = _mm256_fmadd_ps(a, b0, r30), r31 = _mm256_fmadd_ps(a, b1, r31);
-      }
-      _mm256_storeu_ps(c0, r00), _mm256_storeu_ps(c0 + 8, r01);
-      _mm256_storeu_ps(c1, r10), _mm256_storeu_ps(c1 + 8, r11);
-      _mm256_storeu_ps(c2, r20), _mm256_storeu_ps(c2 + 8, r21);
-      _mm256_storeu_ps(c3, r30), _mm256_storeu_ps(c3 + 8, r31);
+// Micro-kernels: C[M x N] (+)= A[M x K] B[K x N], B and C row-major with
+// strides, N % 16 == 0, any M and K. A is row-major (a(i,k) = A[i lda + k])
+// or, with kATrans, stored transposed (a(i,k) = A[k lda + i]): the products
+// with P^T and dS^T in the backward read the score tile in place instead of
+// transposing it.
+//
+// Register block MR x 16 (MR = 6: 12 accumulators + 2 B vectors + 1
+// broadcast = 15 of the 16 ymm registers; 12 independent FMA chains cover
+// Zen 3's 4-cycle latency on its 2 FMA pipes with room to spare, where a
+// 4 x 16 block's 8 chains only just do). The B panel (K x 16) stays in L1
+// while the MR-row blocks of A stream past it.
+template <int MR, bool kAccumulate, bool kATrans>
+inline void micro_kernel(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  __m256 c[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    if constexpr (kAccumulate) {
+      c[r][0] = _mm256_loadu_ps(C + r * ldc), c[r][1] = _mm256_loadu_ps(C + r * ldc + 8);
+    } else {
+      c[r][0] = c[r][1] = _mm256_setzero_ps();
     }
+  }
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    const float* a = kATrans ? A + k * lda : A + k;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(kATrans ? a + r : a + r * lda);
+      c[r][0] = _mm256_fmadd_ps(ar, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(ar, b1, c[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(C + r * ldc, c[r][0]), _mm256_storeu_ps(C + r * ldc + 8, c[r][1]);
+}
+
+template <bool kAccumulate, bool kATrans = false>
+void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int j = 0; j < N; j += 16) {
+    int i = 0;
+    // Row offset i of A: row i (row-major) or column i (transposed).
+    auto a_at = [&](int i) { return kATrans ? A + i : A + i * lda; };
+    for (; i + 6 <= M; i += 6) micro_kernel<6, kAccumulate, kATrans>(K, a_at(i), lda, B + j, ldb, C + i * ldc + j, ldc);
+    if (i + 4 <= M) micro_kernel<4, kAccumulate, kATrans>(K, a_at(i), lda, B + j, ldb, C + i * ldc + j, ldc), i += 4;
+    if (i + 2 <= M) micro_kernel<2, kAccumulate, kATrans>(K, a_at(i), lda, B + j, ldb, C + i * ldc + j, ldc), i += 2;
+    if (i < M) micro_kernel<1, kAccumulate, kATrans>(K, a_at(i), lda, B + j, ldb, C + i * ldc + j, ldc);
   }
 }
 
@@ -215,6 +224,22 @@ TileMask classify(const Problem& P, const int64_t* qp, int qn, int64_t k0, int k
   return any_visible ? TileMask::kPartial : TileMask::kMasked;
 }
 
+// Keys k0..k0+kn at contiguous positions and no explicit mask: the visible
+// keys of query position q are one interval [lo, hi) of j (causal and window
+// bounds), so a partial tile's row is masked by two fills instead of a test
+// per element. Returns false when that does not apply.
+bool visible_interval(const Problem& P, int64_t q, int64_t k0, int kn, int& lo, int& hi) {
+  const auto& a = P.a;
+  if (!a.k_positions.empty() || a.mask != nullptr) return false;
+  int64_t l = 0, h = kn;  // j range, [l, h)
+  if (a.causal) h = std::min<int64_t>(h, q - k0 + 1);
+  if (a.window[1] >= 0) h = std::min<int64_t>(h, q + a.window[1] - k0 + 1);
+  if (a.window[0] >= 0) l = std::max<int64_t>(l, q - a.window[0] - k0);
+  h = std::max<int64_t>(h, 0), l = std::min<int64_t>(l, h);
+  lo = static_cast<int>(l), hi = static_cast<int>(h);
+  return true;
+}
+
 // Row i of a score tile: s_j = scale * S_ij, masked entries = fill, columns
 // past kn = -inf (not part of the row). Megatron's order: scale, then
 // masked_fill.
@@ -224,6 +249,9 @@ void scale_and_mask_row(const Problem& P, float* s, int kn, int kn_pad, TileMask
   for (int j = 0; j < kn_pad; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), sc));
   if (tm == TileMask::kMasked) {
     std::fill(s, s + kn, P.a.fill);
+  } else if (int lo, hi; tm == TileMask::kPartial && visible_interval(P, q, k0, kn, lo, hi)) {
+    std::fill(s, s + lo, P.a.fill);
+    std::fill(s + hi, s + kn, P.a.fill);
   } else if (tm == TileMask::kPartial) {
     for (int j = 0; j < kn; ++j) {
       const int64_t k = P.kpos(k0 + j);
@@ -235,7 +263,7 @@ void scale_and_mask_row(const Problem& P, float* s, int kn, int kn_pad, TileMask
 
 // Per-thread tile buffers (64-byte aligned rows not needed: unaligned loads).
 struct Buffers {
-  std::vector<float> q, o, s, kt, v, dov, dp, t, k, dk, dv;
+  std::vector<float> q, o, s, kt, v, dp, t, k, dk, dv;
 };
 
 // Packs keys k0..k0+kn of (bi, g) from a [sk, b, ng, hn] tensor as the
@@ -259,6 +287,52 @@ void pack_rows(const Problem& P, const float* src, int64_t k0, int kn, int64_t b
 void load_q_rows(const Problem& P, const float* src, int64_t i0, int qn, int64_t bi, int64_t h, float* dst) {
   std::fill(dst, dst + kBq * P.hn_pad, 0.0f);
   for (int i = 0; i < qn; ++i) std::memcpy(dst + i * P.hn_pad, P.q_row(src, i0 + i, bi, h), P.hn * sizeof(float));
+}
+
+// Whole-tensor packs, built once per call so that no tile is packed again
+// for every query tile that reads it (the packs cost O(s) memory, the size
+// of the inputs). Storage is left uninitialised: the packing loops write
+// every element, padding included, from the threads that later read it.
+struct KvPack {
+  std::unique_ptr<float[]> kt, v;  // K^T tiles [b, ng, nkt, hn, kBk]; V tiles [b, ng, nkt, kBk, hn_pad]
+  int64_t nkt = 0, hn = 0, hp = 0, groups = 0;
+  const float* kt_tile(int64_t bi, int64_t g, int64_t t) const {
+    return kt.get() + ((bi * groups + g) * nkt + t) * hn * kBk;
+  }
+  const float* v_tile(int64_t bi, int64_t g, int64_t t) const {
+    return v.get() + ((bi * groups + g) * nkt + t) * kBk * hp;
+  }
+};
+
+KvPack pack_kv(const Problem& P, const float* k, const float* v) {
+  KvPack kv;
+  kv.nkt = (P.a.sk + kBk - 1) / kBk, kv.hn = P.hn, kv.hp = P.hn_pad, kv.groups = P.a.groups;
+  const int64_t tiles = P.a.batch * P.a.groups * kv.nkt;
+  kv.kt.reset(new float[tiles * kv.hn * kBk]);
+  kv.v.reset(new float[tiles * kBk * kv.hp]);
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t t = tile % kv.nkt, bg = tile / kv.nkt;
+    const int64_t bi = bg / P.a.groups, g = bg % P.a.groups;
+    const int kn = static_cast<int>(std::min<int64_t>(kBk, P.a.sk - t * kBk));
+    pack_transposed(P, k, t * kBk, kn, bi, g, kv.kt.get() + tile * kv.hn * kBk);
+    pack_rows(P, v, t * kBk, kn, bi, g, kv.v.get() + tile * kBk * kv.hp);
+  }
+  return kv;
+}
+
+// Query-side tensor [sq, b, np, hn] as [b, np, nqt * kBq, hn_pad], zero
+// padded: each query tile is a contiguous [kBq, hn_pad] block.
+std::unique_ptr<float[]> pack_queries(const Problem& P, const float* src) {
+  const int64_t nqt = (P.a.sq + kBq - 1) / kBq, tiles = P.a.batch * P.a.heads * nqt;
+  std::unique_ptr<float[]> dst(new float[tiles * kBq * P.hn_pad]);
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t qt = tile % nqt, bh = tile / nqt;
+    const int qn = static_cast<int>(std::min<int64_t>(kBq, P.a.sq - qt * kBq));
+    load_q_rows(P, src, qt * kBq, qn, bh / P.a.heads, bh % P.a.heads, dst.get() + tile * kBq * P.hn_pad);
+  }
+  return dst;
 }
 
 void check_args(const AttentionArgs& a, const char* op) {
@@ -308,8 +382,8 @@ bool all_above(const float* x, int n, float threshold) {
 // Forward of one (batch bi, head h, query tile i0..i0+qn). With `stats`
 // only the row statistics are computed: stats[i] = {max, log(sum)} (the
 // backward's exact form of lse for rows near `fill`, see there).
-void forward_tile(const Problem& P, const float* q, const float* k, const float* v, float* out, float* lse,
-                  int64_t bi, int64_t h, int64_t i0, int qn, Buffers& B, std::pair<float, float>* stats = nullptr) {
+void forward_tile(const Problem& P, const float* q, const KvPack& kv, float* out, float* lse, int64_t bi, int64_t h,
+                  int64_t i0, int qn, Buffers& B, std::pair<float, float>* stats = nullptr) {
   const auto& a = P.a;
   const int64_t hn = P.hn, hp = P.hn_pad, g = h / P.r, hg = a.head_offset + h;
   const int mq = static_cast<int>(round_up(qn, 4));
@@ -330,43 +404,58 @@ void forward_tile(const Problem& P, const float* q, const float* k, const float*
   const bool two_pass = P.round_p || stats != nullptr;
   const float* S = B.s.data();
 
-  // S = Q K_t^T for key tile t, scaled and masked.
+  // S = Q K_t^T for key tile t, scaled and masked. A full, fully visible
+  // tile in the one-pass form is left unscaled: the statistics pass below
+  // applies the scale as it reads S (the same product, rounded the same way),
+  // which saves a pass over the tile. Returns the factor still to apply.
   auto scores = [&](int64_t t, int kn) {
-    pack_transposed(P, k, t * kBk, kn, bi, g, B.kt.data());
-    gemm<false>(mq, kBk, static_cast<int>(hn), B.q.data(), static_cast<int>(hp), B.kt.data(), kBk, B.s.data(), kBk);
+    gemm<false>(mq, kBk, static_cast<int>(hn), B.q.data(), hp, kv.kt_tile(bi, g, t), kBk, B.s.data(), kBk);
+    if (!two_pass && kinds[t] == TileMask::kVisible && kn == kBk) return a.softmax_scale;
     for (int i = 0; i < qn; ++i) scale_and_mask_row(P, B.s.data() + i * kBk, kn, kBk, kinds[t], qp[i], t * kBk, bi, hg);
+    return 1.0f;
   };
-  // Online softmax statistics of tile t: new running max, rescale factor of
-  // what was accumulated, and the sum of exp(s - m_new). When `p_out`, the
-  // probabilities exp(s - m_new) are left in S for the PV product.
-  auto update_stats = [&](int kn, bool p_out, float* alpha) {
+  // Online softmax statistics of tile t (S times `scale`): new running max,
+  // rescale factor of what was accumulated, and the sum of exp(s - m_new).
+  // When `p_out`, the probabilities exp(s - m_new) are left in S for the PV
+  // product.
+  auto update_stats = [&](float scale, bool p_out, float* alpha) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    float m_old[kBq], rowsum[kBq];
+    std::copy(m, m + kBq, m_old);
     for (int i = 0; i < qn; ++i) {
       float* s = B.s.data() + i * kBk;
       __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int j = 0; j < kBk; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+      for (int j = 0; j < kBk; j += 8) mx = _mm256_max_ps(mx, _mm256_mul_ps(_mm256_loadu_ps(s + j), sc));
       const float m_new = std::max(m[i], hmax8(mx));
       const __m256 mv = _mm256_set1_ps(m_new);
       __m256 sum = _mm256_setzero_ps();
       for (int j = 0; j < kBk; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), sc), mv));
         sum = _mm256_add_ps(sum, e);
         if (p_out) _mm256_storeu_ps(s + j, e);
       }
-      alpha[i] = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m[i] - m_new);
-      l[i] = l[i] * alpha[i] + hsum8(sum);
+      rowsum[i] = hsum8(sum);
       m[i] = m_new;
     }
-    (void)kn;
+    // alpha = exp(m_old - m_new) (0 for a first tile: m_old = -inf), 8 rows
+    // at a time; exactly 1 where the max did not move.
+    for (int i = 0; i < qn; i += 8) {
+      const __m256 mo = _mm256_loadu_ps(m_old + i);
+      const __m256 first = _mm256_cmp_ps(mo, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+      const __m256 al = _mm256_andnot_ps(first, exp8(_mm256_sub_ps(mo, _mm256_loadu_ps(m + i))));
+      _mm256_storeu_ps(alpha + i, al);
+    }
+    for (int i = 0; i < qn; ++i) l[i] = l[i] * alpha[i] + rowsum[i];
   };
   auto process = [&](int64_t t) {
     const int kn = static_cast<int>(std::min<int64_t>(kBk, a.sk - t * kBk));
-    scores(t, kn);
+    const float scale = scores(t, kn);
     float alpha[kBq];
     if (two_pass) {
-      update_stats(kn, false, alpha);
+      update_stats(scale, false, alpha);
       return;
     }
-    update_stats(kn, true, alpha);
+    update_stats(scale, true, alpha);
     for (int i = 0; i < qn; ++i) {
       float* s = B.s.data() + i * kBk;
       if (P.drop) {
@@ -379,9 +468,7 @@ void forward_tile(const Problem& P, const float* q, const float* k, const float*
       }
     }
     std::fill(B.s.data() + qn * kBk, B.s.data() + mq * kBk, 0.0f);  // padding rows add nothing
-    pack_rows(P, v, t * kBk, kn, bi, g, B.v.data());
-    gemm<true>(mq, static_cast<int>(hp), kBk, S, kBk, B.v.data(), static_cast<int>(hp), B.o.data(),
-               static_cast<int>(hp));
+    gemm<true>(mq, static_cast<int>(hp), kBk, S, kBk, kv.v_tile(bi, g, t), hp, B.o.data(), hp);
   };
 
   for (int64_t t : first) process(t);
@@ -412,9 +499,7 @@ void forward_tile(const Problem& P, const float* q, const float* k, const float*
         }
       }
       std::fill(B.s.data() + qn * kBk, B.s.data() + mq * kBk, 0.0f);
-      pack_rows(P, v, t * kBk, kn, bi, g, B.v.data());
-      gemm<true>(mq, static_cast<int>(hp), kBk, S, kBk, B.v.data(), static_cast<int>(hp), B.o.data(),
-                 static_cast<int>(hp));
+      gemm<true>(mq, static_cast<int>(hp), kBk, S, kBk, kv.v_tile(bi, g, t), hp, B.o.data(), hp);
     };
     for (int64_t t : first) pv(t);
     if (!masked.empty() && !all_above(lse_row, qn, a.fill + kUnderflow)) {
@@ -439,14 +524,13 @@ void attention_forward(const AttentionArgs& args, const float* q, const float* k
   const Problem P(args);
   const int64_t nqt = (args.sq + kBq - 1) / kBq;
   const int64_t tasks = args.batch * args.heads * nqt;
+  const KvPack kv = pack_kv(P, k, v);
 #pragma omp parallel
   {
     Buffers B;
     B.q.resize(kBq * P.hn_pad);
     B.o.resize(kBq * P.hn_pad);
     B.s.resize(kBq * kBk);
-    B.kt.resize(P.hn * kBk);
-    B.v.resize(kBk * P.hn_pad);
     // Query tiles in reverse order: under a causal mask the late tiles are
     // the expensive ones, and dynamic scheduling balances best when the
     // large tasks start first.
@@ -456,7 +540,7 @@ void attention_forward(const AttentionArgs& args, const float* q, const float* k
       const int64_t bh = task / nqt;
       const int64_t i0 = qt * kBq;
       const int qn = static_cast<int>(std::min<int64_t>(kBq, args.sq - i0));
-      forward_tile(P, q, k, v, out, lse, bh / args.heads, bh % args.heads, i0, qn, B);
+      forward_tile(P, q, kv, out, lse, bh / args.heads, bh % args.heads, i0, qn, B);
     }
   }
 }
@@ -467,7 +551,10 @@ void attention_forward(const AttentionArgs& args, const float* q, const float* k
 // then dV += P'^T dO, dP = dO V^T, dS = P o (dP' - D) (0 where masked:
 // masked_fill passes no gradient), dK += scale dS^T Q, dQ += scale dS K.
 // A (batch, group) task owns dk/dv rows of its group and dq rows of its
-// heads, so there are no races and no atomics.
+// heads, so there are no races and no atomics (with fewer pairs than
+// threads, a pair's key tiles are split over tasks, each with its own dq
+// copy, see below). The products with P'^T and dS^T read the score tile
+// transposed in place (gemm<.., true>), and dS K accumulates straight into dq.
 //
 // D = rowsum(P o dP') = rowsum(dO o O) when P' is P (times the dropout
 // scale): true for fp32 probabilities. With 16-bit probabilities the output
@@ -502,7 +589,12 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
   // P = exp((s - max) - log sum).
   std::vector<std::pair<float, float>> stats(static_cast<size_t>(a.batch * a.heads * a.sq));
   for (int64_t i = 0; i < a.batch * a.heads * a.sq; ++i) stats[i] = {lse[i], 0.0f};
-  {
+  bool need_stats = false;
+  for (int64_t bh = 0; bh < a.batch * a.heads && !need_stats; ++bh) {
+    need_stats = !all_above(lse + bh * a.sq, static_cast<int>(a.sq), a.fill + kUnderflow);
+  }
+  if (need_stats) {
+    const KvPack kv = pack_kv(P, k, v);
     const int64_t ntasks = a.batch * a.heads * nqt;
 #pragma omp parallel
     {
@@ -514,24 +606,38 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
         const int qn = static_cast<int>(std::min<int64_t>(kBq, a.sq - i0));
         if (all_above(lse + bh * a.sq + i0, qn, a.fill + kUnderflow)) continue;
         if (!ready) {
-          B.q.resize(kBq * hp), B.o.resize(kBq * hp), B.s.resize(kBq * kBk), B.kt.resize(hn * kBk);
-          B.v.resize(kBk * hp);
+          B.q.resize(kBq * hp), B.o.resize(kBq * hp), B.s.resize(kBq * kBk);
           ready = true;
         }
-        forward_tile(P, q, k, v, nullptr, nullptr, bh / a.heads, bh % a.heads, i0, qn, B, &stats[bh * a.sq + i0]);
+        forward_tile(P, q, kv, nullptr, nullptr, bh / a.heads, bh % a.heads, i0, qn, B, &stats[bh * a.sq + i0]);
       }
     }
   }
 
-  const int64_t tasks = a.batch * a.groups;
+  // Q and dO tiles are read once per key tile: packed once.
+  const std::unique_ptr<float[]> q_pack = pack_queries(P, q), do_pack = pack_queries(P, dout);
+  // Tasks: (batch, group, key chunk). With fewer (batch, group) pairs than
+  // threads (GQA / MQA, a TP slice) the key tiles of a pair are dealt out
+  // round-robin to `chunks` tasks (round-robin: under a causal mask the early
+  // key tiles see more queries). dk/dv rows stay owned by one task; the dq
+  // contributions of chunk c > 0 go to a private copy of dq, summed in at the
+  // end. The 16-bit-probabilities pass for D is per pair: not split.
+  const int64_t pairs = a.batch * a.groups;
+  const int64_t nthreads = omp_get_max_threads();
+  const int64_t chunks =
+      P.round_p || pairs >= nthreads ? 1 : std::max<int64_t>(1, std::min(nkt, (nthreads + pairs - 1) / pairs));
+  const int64_t q_numel = a.sq * P.q_stride;
+  std::unique_ptr<float[]> dq_private;
+  if (chunks > 1) dq_private.reset(new float[(chunks - 1) * q_numel]());
+  const int64_t tasks = pairs * chunks;
 #pragma omp parallel
   {
     Buffers B;
-    B.q.resize(kBq * hp);
-    B.dov.resize(kBq * hp);
+    const float* q_tile = nullptr;   // [kBq, hn_pad] tiles of the packs
+    const float* do_tile = nullptr;
     B.s.resize(kBq * kBk);
     B.dp.resize(kBq * kBk);
-    B.t.resize(kBk * kBq);
+    B.t.resize(kBq * kBk);  // P' (16-bit or dropped probabilities)
     B.kt.resize(hn * kBk);
     B.v.resize(hn * kBk);  // V^T
     B.k.resize(kBk * hp);
@@ -542,37 +648,43 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t bi = task / a.groups, g = task % a.groups;
-      for (int64_t h = g * P.r; h < (g + 1) * P.r; ++h) {
-        for (int64_t i = 0; i < a.sq; ++i) std::fill_n(dq + i * P.q_stride + (bi * a.heads + h) * hn, hn, 0.0f);
+      const int64_t chunk = task % chunks, pair = task / chunks;
+      const int64_t bi = pair / a.groups, g = pair % a.groups;
+      float* const dq_out = chunk == 0 ? dq : dq_private.get() + (chunk - 1) * q_numel;  // private copies start zero
+      if (chunk == 0) {
+        for (int64_t h = g * P.r; h < (g + 1) * P.r; ++h) {
+          for (int64_t i = 0; i < a.sq; ++i) std::fill_n(dq + i * P.q_stride + (bi * a.heads + h) * hn, hn, 0.0f);
+        }
       }
       // Scores of (head h, q tile qt) against the packed key tile: S scaled,
       // masked, then P = exp(s - lse) in place; dP = dO V^T into B.dp. The Q
-      // and dO tiles are in B.q, B.dov. Returns false when the tile is
+      // and dO tiles are q_tile, do_tile. Returns false when the tile is
       // skipped (fully masked and exactly zero).
       int64_t qp[kBq];
       float lse_r[kBq], D_r[kBq], ll_r[kBq];
       auto recompute = [&](int64_t h, int qn, int64_t kt0, int kn, TileMask tm) {
         const int mq = static_cast<int>(round_up(qn, 4));
         const int64_t hg = a.head_offset + h;
-        gemm<false>(mq, kBk, static_cast<int>(hn), B.q.data(), static_cast<int>(hp), B.kt.data(), kBk, B.s.data(),
-                    kBk);
-        gemm<false>(mq, kBk, static_cast<int>(hn), B.dov.data(), static_cast<int>(hp), B.v.data(), kBk,
-                    B.dp.data(), kBk);
+        gemm<false>(mq, kBk, static_cast<int>(hn), q_tile, hp, B.kt.data(), kBk, B.s.data(), kBk);
+        gemm<false>(mq, kBk, static_cast<int>(hn), do_tile, hp, B.v.data(), kBk, B.dp.data(), kBk);
+        // A full visible tile is scaled as it is read (one pass); others
+        // are scaled and masked first.
+        const bool fused = tm == TileMask::kVisible && kn == kBk;
+        const __m256 sc = _mm256_set1_ps(fused ? a.softmax_scale : 1.0f);
         for (int i = 0; i < qn; ++i) {
           float* s = B.s.data() + i * kBk;
-          scale_and_mask_row(P, s, kn, kBk, tm, qp[i], kt0, bi, hg);
+          if (!fused) scale_and_mask_row(P, s, kn, kBk, tm, qp[i], kt0, bi, hg);
           const __m256 mv = _mm256_set1_ps(lse_r[i]), lv = _mm256_set1_ps(ll_r[i]);
           for (int j = 0; j < kBk; j += 8) {
-            const __m256 x = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv), lv);
+            const __m256 x = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), sc), mv), lv);
             _mm256_storeu_ps(s + j, exp8(x));
           }
         }
         std::fill(B.s.data() + qn * kBk, B.s.data() + mq * kBk, 0.0f);
       };
       auto load_tiles = [&](int64_t h, int64_t i0, int qn) {
-        load_q_rows(P, q, i0, qn, bi, h, B.q.data());
-        load_q_rows(P, dout, i0, qn, bi, h, B.dov.data());
+        const int64_t off = ((bi * a.heads + h) * nqt + i0 / kBq) * kBq * hp;
+        q_tile = q_pack.get() + off, do_tile = do_pack.get() + off;
         for (int i = 0; i < qn; ++i) {
           qp[i] = P.qpos(i0 + i);
           const auto& st = stats[(bi * a.heads + h) * a.sq + i0 + i];
@@ -616,7 +728,7 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
         }
       }
 
-      for (int64_t t = 0; t < nkt; ++t) {
+      for (int64_t t = chunk; t < nkt; t += chunks) {
         const int64_t kt0 = t * kBk;
         const int kn = static_cast<int>(std::min<int64_t>(kBk, a.sk - kt0));
         pack_keys(t, kn);
@@ -635,25 +747,34 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
             load_tiles(h, i0, qn);
             for (int i = 0; i < qn; ++i) D_r[i] = D[(bi * a.heads + h) * a.sq + i0 + i];
             recompute(h, qn, kt0, kn, tm);
-            // T = P'^T (the context probabilities), then dV += T dO.
-            std::fill(B.t.begin(), B.t.end(), 0.0f);
-            for (int i = 0; i < qn; ++i) {
-              const float* s = B.s.data() + i * kBk;
-              for (int j = 0; j < kn; ++j) {
-                float p = s[j];
-                if (P.round_p) p = round_probs(p, a.probs_dtype);
-                if (P.drop) {
-                  const float ds = P.dropout(bi, hg, qp[i], P.kpos(kt0 + j));
-                  p = P.round_p ? round_probs(p * ds, a.probs_dtype) : p * ds;
-                  B.dp[i * kBk + j] *= ds;  // dP' = dP * mask scale
+            // dV += P'^T dO, P' the context probabilities. With fp32
+            // probabilities and no dropout P' is P: the product reads S
+            // transposed in place. Otherwise P' (rounded, dropped) goes to
+            // T in S's layout, rows past qn zero.
+            const float* pc = B.s.data();
+            if (P.round_p || P.drop) {
+              for (int i = 0; i < qn; ++i) {
+                const float* s = B.s.data() + i * kBk;
+                float* t = B.t.data() + i * kBk;
+                for (int j = 0; j < kBk; ++j) {
+                  float p = s[j];
+                  if (j < kn) {
+                    if (P.round_p) p = round_probs(p, a.probs_dtype);
+                    if (P.drop) {
+                      const float ds = P.dropout(bi, hg, qp[i], P.kpos(kt0 + j));
+                      p = P.round_p ? round_probs(p * ds, a.probs_dtype) : p * ds;
+                      B.dp[i * kBk + j] *= ds;  // dP' = dP * mask scale
+                    }
+                  }
+                  t[j] = p;
                 }
-                B.t[j * kBq + i] = p;
               }
+              std::fill(B.t.data() + qn * kBk, B.t.data() + mq * kBk, 0.0f);
+              pc = B.t.data();
             }
-            gemm<true>(kBk, static_cast<int>(hp), mq, B.t.data(), kBq, B.dov.data(), static_cast<int>(hp),
-                       B.dv.data(), static_cast<int>(hp));
-            // dS = scale * P o (dP' - D), zero where masked; into S (for dQ)
-            // and its transpose T (for dK).
+            gemm<true, true>(kBk, static_cast<int>(hp), mq, pc, kBk, do_tile, hp, B.dv.data(), hp);
+            // dS = scale * P o (dP' - D), zero where masked, in place in S
+            // (rows past qn stay zero: P is zero there).
             const bool partial = tm != TileMask::kVisible;
             for (int i = 0; i < qn; ++i) {
               float* s = B.s.data() + i * kBk;
@@ -663,7 +784,11 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
                 const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_sub_ps(_mm256_loadu_ps(dp + j), dv_));
                 _mm256_storeu_ps(s + j, _mm256_mul_ps(x, sc));
               }
-              if (partial) {
+              int lo, hi;
+              if (partial && tm == TileMask::kPartial && visible_interval(P, qp[i], kt0, kn, lo, hi)) {
+                std::fill(s, s + lo, 0.0f);
+                std::fill(s + hi, s + kn, 0.0f);
+              } else if (partial) {
                 for (int j = 0; j < kn; ++j) {
                   const int64_t kp = P.kpos(kt0 + j);
                   if (tm == TileMask::kMasked || P.positional_masked(qp[i], kp) ||
@@ -673,16 +798,23 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
                 }
               }
               std::fill(s + kn, s + kBk, 0.0f);
-              for (int j = 0; j < kn; ++j) B.t[j * kBq + i] = s[j];
             }
-            gemm<true>(kBk, static_cast<int>(hp), mq, B.t.data(), kBq, B.q.data(), static_cast<int>(hp),
-                       B.dk.data(), static_cast<int>(hp));
-            gemm<false>(mq, static_cast<int>(hp), kBk, B.s.data(), kBk, B.k.data(), static_cast<int>(hp), B.o.data(),
-                        static_cast<int>(hp));
-            for (int i = 0; i < qn; ++i) {
-              float* dst = dq + (i0 + i) * P.q_stride + (bi * a.heads + h) * hn;
-              const float* src = B.o.data() + i * hp;
-              for (int64_t d = 0; d < hn; ++d) dst[d] += src[d];
+            // dK += dS^T Q (S read transposed in place).
+            gemm<true, true>(kBk, static_cast<int>(hp), mq, B.s.data(), kBk, q_tile, hp, B.dk.data(), hp);
+            // dQ += dS K: accumulated straight into dq when the tile is whole
+            // (no padding rows, hn a multiple of 16: the padded columns would
+            // touch the next head, which another thread may own); otherwise
+            // through a scratch tile.
+            float* dq_tile = dq_out + i0 * P.q_stride + (bi * a.heads + h) * hn;
+            if (qn == mq && hn == hp) {
+              gemm<true>(mq, static_cast<int>(hp), kBk, B.s.data(), kBk, B.k.data(), hp, dq_tile, P.q_stride);
+            } else {
+              gemm<false>(mq, static_cast<int>(hp), kBk, B.s.data(), kBk, B.k.data(), hp, B.o.data(), hp);
+              for (int i = 0; i < qn; ++i) {
+                float* dst = dq_tile + i * P.q_stride;
+                const float* src = B.o.data() + i * hp;
+                for (int64_t d = 0; d < hn; ++d) dst[d] += src[d];
+              }
             }
           }
         }
@@ -692,6 +824,15 @@ void attention_backward(const AttentionArgs& args, const float* q, const float* 
           std::memcpy(dv + (kt0 + j) * P.kv_stride + (bi * a.groups + g) * hn, B.dv.data() + j * hp,
                       hn * sizeof(float));
         }
+      }
+    }
+    if (chunks > 1) {
+      // After the loop's barrier: dq += the private copies.
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < q_numel; ++e) {
+        float acc = dq[e];
+        for (int64_t c = 0; c + 1 < chunks; ++c) acc += dq_private[c * q_numel + e];
+        dq[e] = acc;
       }
     }
   }

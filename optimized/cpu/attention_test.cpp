@@ -9,6 +9,7 @@
 #include "optimized/cpu/attention.h"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <optional>
@@ -415,6 +416,32 @@ TEST(CpuAttention, DropoutTraining) {
   s.args.dropout_key = ctx.key("dropout");
   s.args.causal = true;
   check_against_ref(s, AttnMaskType::causal, std::nullopt, ctx);
+}
+
+// Fewer (batch, group) pairs than threads (multi-query attention): the
+// backward splits each pair's key tiles over tasks with private dq copies.
+// Several thread counts (1: no split; 3, 4: uneven and even splits), with a
+// last query tile that is not a multiple of the micro-kernel's rows (dq
+// through the scratch tile) and dropout (the dropped-probabilities path).
+TEST(CpuAttention, MultiQuerySplitKeysAcrossThreads) {
+  const int saved = omp_get_max_threads();
+  for (const int threads : {1, 3, 4}) {
+    SCOPED_TRACE("threads = " + std::to_string(threads));
+    omp_set_num_threads(threads);
+    Inputs s(1, 198, 198, 4, 1, 64, 61);
+    s.args.causal = true;
+    check_against_ref(s, AttnMaskType::causal, std::nullopt);
+
+    Inputs d(1, 150, 150, 2, 1, 128, 62);
+    ref::RunContext ctx;
+    ctx.training = true, ctx.seed = 9, ctx.path = "decoder.layers.0.self_attention.core_attention";
+    d.cfg.attention_dropout = 0.2f;
+    d.args.dropout_p = 0.2f;
+    d.args.dropout_key = ctx.key("dropout");
+    d.args.causal = true;
+    check_against_ref(d, AttnMaskType::causal, std::nullopt, ctx);
+  }
+  omp_set_num_threads(saved);
 }
 
 // probs_dtype bf16 / fp16: P rounded after normalisation (and the dropout
