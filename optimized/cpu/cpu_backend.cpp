@@ -865,14 +865,24 @@ void act_forward_rows(const T* x, const T* bias, T* y, int64_t rows, int64_t f, 
   for (int64_t t = 0; t < rows; ++t) {
     const T* xr = x + t * in_w;
     T* yr = y + t * f;
-    if (glu) {
+    if (inner.mode != RMode::kNone) {  // unfused, 16-bit: scalar, rounding each intermediate
       for (int64_t c = 0; c < f; ++c) {
         const T a = bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c];
+        if (!glu) {
+          yr[c] = math::act_value(K, a);
+          continue;
+        }
         const T g = bias ? round_value<T>(xr[f + c] + bias[f + c], inner) : xr[f + c];
         yr[c] = round_value<T>(math::act_value(K, a), inner) * g;
       }
+    } else if (glu) {  // the loops below vectorise
+      for (int64_t c = 0; c < f; ++c) {
+        const T a = bias ? xr[c] + bias[c] : xr[c];
+        const T g = bias ? xr[f + c] + bias[f + c] : xr[f + c];
+        yr[c] = math::act_value(K, a) * g;
+      }
     } else {
-      for (int64_t c = 0; c < f; ++c) yr[c] = math::act_value(K, bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c]);
+      for (int64_t c = 0; c < f; ++c) yr[c] = math::act_value(K, bias ? xr[c] + bias[c] : xr[c]);
     }
     round_span(yr, f, r);
   }
@@ -887,14 +897,28 @@ void act_backward_rows(const T* x, const T* bias, const T* dy, T* dx, int64_t ro
     const T* xr = x + t * in_w;
     const T* dyr = dy + t * f;
     T* dxr = dx + t * in_w;
-    for (int64_t c = 0; c < f; ++c) {
-      const T a = bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c];
-      if (glu) {
+    if (inner.mode != RMode::kNone) {  // unfused, 16-bit: scalar, rounding each intermediate
+      for (int64_t c = 0; c < f; ++c) {
+        const T a = bias ? round_value<T>(xr[c] + bias[c], inner) : xr[c];
+        if (!glu) {
+          dxr[c] = dyr[c] * math::act_derivative(K, a);
+          continue;
+        }
         const T g = bias ? round_value<T>(xr[f + c] + bias[f + c], inner) : xr[f + c];
-        const T d = dyr[c];
         // Unfused autograd through act(a) * g: d act = dy * g and act(a) are dtype tensors.
-        dxr[c] = round_value<T>(d * g, inner) * math::act_derivative(K, a);
-        dxr[f + c] = d * round_value<T>(math::act_value(K, a), inner);
+        dxr[c] = round_value<T>(dyr[c] * g, inner) * math::act_derivative(K, a);
+        dxr[f + c] = dyr[c] * round_value<T>(math::act_value(K, a), inner);
+      }
+      round_span(dxr, in_w, r);
+      continue;
+    }
+    for (int64_t c = 0; c < f; ++c) {
+      const T a = bias ? xr[c] + bias[c] : xr[c];
+      if (glu) {
+        const T g = bias ? xr[f + c] + bias[f + c] : xr[f + c];
+        const T d = dyr[c];
+        dxr[c] = d * g * math::act_derivative(K, a);
+        dxr[f + c] = d * math::act_value(K, a);
       } else {
         dxr[c] = dyr[c] * math::act_derivative(K, a);
       }
