@@ -6,8 +6,9 @@
 # compiler may not fuse a*b+c into an FMA behind our back (GCC does by default
 # in GNU mode and with -march flags). Kernels that want FMA call std::fma.
 set(PARITRON_CXX_FLAGS -Wall -Wextra -Werror -ffp-contract=off)
+# --fmad=false: the same rule for device code (nvcc contracts by default).
 set(PARITRON_CUDA_FLAGS -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror,-ffp-contract=off
-    --expt-relaxed-constexpr)
+    --fmad=false --expt-relaxed-constexpr)
 
 if(PARITRON_SANITIZE)
   add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
