@@ -18,6 +18,7 @@
 #include "common/transformer_config.h"
 #include "optimized/comm/run_ranks.h"
 #include "optimized/run_case.h"
+#include "optimized/test_util.h"
 #include "reference/make_case.h"
 #include "reference/run_case.h"
 
@@ -60,29 +61,6 @@ Case make(const Setup& u) {
   return ref::make_case(o);
 }
 
-// max |a - b| / max(1, max |b|) over every tensor the reference produced.
-void expect_matches(const std::map<std::string, Tensor>& got, const std::map<std::string, Tensor>& want, double tol,
-                    const std::string& what) {
-  int compared = 0;
-  for (const auto& [name, expected] : want) {
-    if (name.rfind("outputs.intermediate.", 0) == 0) continue;
-    auto it = got.find(name);
-    ASSERT_NE(it, got.end()) << what << ": the optimized run lacks " << name;
-    ASSERT_EQ(it->second.shape(), expected.shape()) << what << ": " << name;
-    double scale = 1.0, worst = 0.0;
-    int64_t worst_at = 0;
-    for (int64_t i = 0; i < expected.numel(); ++i) scale = std::max(scale, std::abs(expected.get(i)));
-    for (int64_t i = 0; i < expected.numel(); ++i) {
-      const double e = std::abs(it->second.get(i) - expected.get(i));
-      if (e > worst) worst = e, worst_at = i;
-    }
-    EXPECT_LE(worst / scale, tol) << what << ": " << name << " element " << worst_at << " expected "
-                                  << expected.get(worst_at) << " got " << it->second.get(worst_at);
-    ++compared;
-  }
-  EXPECT_GT(compared, 2) << what;
-}
-
 void check(const Setup& u, DType dtype = DType::F64) {
   const Case c = make(u);
   const ParallelConfig pc = ParallelConfig::parse_layout(u.layout);
@@ -92,8 +70,8 @@ void check(const Setup& u, DType dtype = DType::F64) {
   const ref::ReferenceResult want = ref::run_reference(c);
   // The CPU attention kernel computes in fp32 even in float64 runs.
   const bool attention = u.component != "mlp" && u.component != "layernorm" && u.component != "rmsnorm";
-  expect_matches(got.tensors, want.tensors, dtype == DType::F64 ? (attention ? 3e-6 : 1e-10) : 1e-4,
-                 fmt::format("{} on {} in {}", u.component, u.layout, dtype_name(dtype)));
+  test_util::expect_matches(got.tensors, want.tensors, dtype == DType::F64 ? (attention ? 3e-6 : 1e-10) : 1e-4,
+                            fmt::format("{} on {} in {}", u.component, u.layout, dtype_name(dtype)), 3);
 }
 
 TEST(OptimizedLayouts, NormsUnderDataAndSequenceParallel) {
