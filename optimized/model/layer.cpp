@@ -136,53 +136,50 @@ DTensor transformer_layer_forward(ModelContext& m, const std::string& prefix, in
   return hidden;
 }
 
+namespace {
+
+// The backward of one residual sub-block `x + bda(sublayer(norm(x)))`:
+// the residual passes d_hidden through and the sub-block adds its part. A
+// sub-block without its module (IdentityOp) leaves only the norm, whose
+// output replaced the hidden state in the forward.
+template <class SubBackward>
+DTensor sub_block_backward(ModelContext& m, const std::string& prefix, const std::string& norm, bool has_module,
+                           const DropoutArgs& bda, const std::string& bias_key, const DTensor& d_hidden,
+                           NormSaved& norm_saved, SubBackward sub_backward) {
+  const bool has_norm = m.has_param(prefix + norm + "weight");
+  if (!has_module) {
+    return has_norm ? norm_backward(m, prefix + norm, d_hidden, false, norm_saved) : d_hidden;
+  }
+  DTensor d_a = sub_backward(bias_dropout_add_backward(m, bda, d_hidden, bias_key));
+  if (has_norm) d_a = norm_backward(m, prefix + norm, d_a, false, norm_saved);
+  DTensor sum = m.empty({d_hidden.rows(), d_hidden.cols()});
+  m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
+  return sum;
+}
+
+}  // namespace
+
 DTensor transformer_layer_backward(ModelContext& m, const std::string& prefix, const DTensor& dy,
                                    const TokenLayout& tokens, LayerSaved& saved) {
   const std::vector<int64_t> rows = tokens.hidden_token_rows();
-  DTensor d_hidden = dy;
   const bool has_mlp = m.has_param(prefix + "mlp.linear_fc1.weight") || m.has_param(prefix + "mlp.router.weight");
-  if (has_mlp) {
-    // The residual passes d_hidden through; the sub-block adds its part.
-    const DTensor d_o =
-        bias_dropout_add_backward(m, bda_args(m, "mlp_bda", prefix, rows), d_hidden, prefix + "mlp.linear_fc2.bias");
-    DTensor d_a = is_moe(m) ? moe_backward(m, prefix + "mlp.", d_o, &d_o, tokens, saved.moe)
-                            : mlp_backward(m, prefix + "mlp.", d_o, saved.mlp);
-    if (m.has_param(prefix + "pre_mlp_layernorm.weight")) {
-      d_a = norm_backward(m, prefix + "pre_mlp_layernorm.", d_a, false, saved.pre_mlp_norm);
-    }
-    DTensor sum = m.empty({dy.rows(), dy.cols()});
-    m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
-    d_hidden = sum;
-  } else if (m.has_param(prefix + "pre_mlp_layernorm.weight")) {
-    d_hidden = norm_backward(m, prefix + "pre_mlp_layernorm.", d_hidden, false, saved.pre_mlp_norm);
-  }
-  if (has_cross_attention(m, prefix)) {
-    const DTensor d_o = bias_dropout_add_backward(m, bda_args(m, "cross_attn_bda", prefix, rows), d_hidden,
-                                                  prefix + "cross_attention.linear_proj.bias");
-    DTensor d_a = cross_attention_backward(m, prefix + "cross_attention.", d_o, saved.cross);
-    if (m.has_param(prefix + "pre_cross_attn_layernorm.weight")) {
-      d_a = norm_backward(m, prefix + "pre_cross_attn_layernorm.", d_a, false, saved.pre_cross_norm);
-    }
-    DTensor sum = m.empty({dy.rows(), dy.cols()});
-    m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
-    d_hidden = sum;
-  } else if (m.has_param(prefix + "pre_cross_attn_layernorm.weight")) {
-    d_hidden = norm_backward(m, prefix + "pre_cross_attn_layernorm.", d_hidden, false, saved.pre_cross_norm);
-  }
-  if (m.has_param(prefix + "self_attention.linear_qkv.weight")) {
-    const DTensor d_o = bias_dropout_add_backward(m, bda_args(m, "self_attn_bda", prefix, rows), d_hidden,
-                                                  prefix + "self_attention.linear_proj.bias");
-    DTensor d_a = self_attention_backward(m, prefix + "self_attention.", d_o, tokens, saved.attention);
-    if (m.has_param(prefix + "input_layernorm.weight")) {
-      d_a = norm_backward(m, prefix + "input_layernorm.", d_a, false, saved.input_norm);
-    }
-    DTensor sum = m.empty({dy.rows(), dy.cols()});
-    m.be.axpby(1.0f, d_hidden, 1.0f, d_a, sum);
-    d_hidden = sum;
-  } else if (m.has_param(prefix + "input_layernorm.weight")) {
-    d_hidden = norm_backward(m, prefix + "input_layernorm.", d_hidden, false, saved.input_norm);
-  }
-  return d_hidden;
+  DTensor d = sub_block_backward(
+      m, prefix, "pre_mlp_layernorm.", has_mlp, bda_args(m, "mlp_bda", prefix, rows), prefix + "mlp.linear_fc2.bias",
+      dy, saved.pre_mlp_norm, [&](const DTensor& d_o) {
+        return is_moe(m) ? moe_backward(m, prefix + "mlp.", d_o, &d_o, tokens, saved.moe)
+                         : mlp_backward(m, prefix + "mlp.", d_o, saved.mlp);
+      });
+  d = sub_block_backward(m, prefix, "pre_cross_attn_layernorm.", has_cross_attention(m, prefix),
+                         bda_args(m, "cross_attn_bda", prefix, rows), prefix + "cross_attention.linear_proj.bias", d,
+                         saved.pre_cross_norm, [&](const DTensor& d_o) {
+                           return cross_attention_backward(m, prefix + "cross_attention.", d_o, saved.cross);
+                         });
+  return sub_block_backward(m, prefix, "input_layernorm.", m.has_param(prefix + "self_attention.linear_qkv.weight"),
+                            bda_args(m, "self_attn_bda", prefix, rows), prefix + "self_attention.linear_proj.bias", d,
+                            saved.input_norm, [&](const DTensor& d_o) {
+                              return self_attention_backward(m, prefix + "self_attention.", d_o, tokens,
+                                                             saved.attention);
+                            });
 }
 
 DTensor block_stage_forward(ModelContext& m, const StagePlan& plan, const DTensor& x, const TokenLayout& tokens,
