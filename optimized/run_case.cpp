@@ -531,16 +531,20 @@ std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelCo
   return issues;
 }
 
+void throw_if_unrunnable(const Case& c, const ParallelConfig& pc) {
+  const std::vector<std::string> issues = optimized_layout_issues(c, pc);
+  if (issues.empty()) return;
+  std::string all;
+  for (const auto& i : issues) all += "\n  " + i;
+  throw Error(fmt::format("cannot run {} on {}:{}", c.component, pc.layout_name(), all));
+}
+
 OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, const OptimizedOptions& o, Comm& comm) {
   if (comm.world_size() != pc.world_size()) {
     throw Error(fmt::format("layout {} needs {} ranks, the comm has {}", pc.layout_name(), pc.world_size(),
                             comm.world_size()));
   }
-  if (auto issues = optimized_layout_issues(c, pc); !issues.empty()) {
-    std::string all;
-    for (const auto& i : issues) all += "\n  " + i;
-    throw Error(fmt::format("cannot run {} on {}:{}", c.component, pc.layout_name(), all));
-  }
+  throw_if_unrunnable(c, pc);
   const RankPlan plan = plan_rank(c, pc, comm.rank(), o);
   std::unique_ptr<Backend> backend = make_backend(o.backend);
   ModelContext m(*backend, comm, plan.ps, c.config, o.dtype);
@@ -617,11 +621,7 @@ OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, cons
 }
 
 OptimizedResult run_optimized(const Case& c, const ParallelConfig& pc, const OptimizedOptions& o) {
-  if (auto issues = optimized_layout_issues(c, pc); !issues.empty()) {
-    std::string all;
-    for (const auto& i : issues) all += "\n  " + i;
-    throw Error(fmt::format("cannot run {} on {}:{}", c.component, pc.layout_name(), all));
-  }
+  throw_if_unrunnable(c, pc);
   OptimizedResult result;
   run_on_threads(
       pc.world_size(),

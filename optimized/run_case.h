@@ -59,6 +59,9 @@ int64_t optimized_micro_batches(const Case& c, const ParallelConfig& pc, const O
 // Everything a case and a layout must satisfy to run; empty when it runs.
 std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelConfig& pc);
 
+// Throws Error listing every issue when optimized_layout_issues finds any.
+void throw_if_unrunnable(const Case& c, const ParallelConfig& pc);
+
 // Runs the case on pc's world of in-process ranks (a thread per rank).
 OptimizedResult run_optimized(const Case& c, const ParallelConfig& pc, const OptimizedOptions& options = {});
 

@@ -81,11 +81,7 @@ Outcome run_case(const std::string& file, const ParallelConfig& pc, const opt::O
   try {
     const Case c = read_case(file);
     out.component = c.component;
-    if (auto issues = opt::optimized_layout_issues(c, pc); !issues.empty()) {
-      std::string all;
-      for (const auto& i : issues) all += "\n    " + i;
-      throw Error(fmt::format("cannot run {} on {}:{}", c.component, pc.layout_name(), all));
-    }
+    opt::throw_if_unrunnable(c, pc);  // the same verdict on every rank, before any collective
     opt::OptimizedResult got;
     if (comm) {
       // One rank failing mid-run leaves its peers waiting in a collective:
