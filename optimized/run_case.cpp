@@ -500,6 +500,14 @@ std::vector<std::string> optimized_layout_issues(const Case& c, const ParallelCo
   for (const ConfigIssue& i : pc.check()) issues.push_back(i.message());
   // Config fields the reference models and the optimized side does not: refused, never ignored.
   if (c.config.qk_layernorm) issues.push_back("qk_layernorm is not run by the optimized side (nor the reference)");
+  if (c.config.num_moe_experts) {  // (moe.cpp check_supported repeats these at run time, with the dtype rules)
+    if (c.config.moe_grouped_gemm) issues.push_back("moe_grouped_gemm (GroupedMLP) is not run by the optimized side yet");
+    if (c.config.moe_router_load_balancing_type != "sinkhorn" && c.config.moe_router_score_function != "softmax") {
+      issues.push_back(fmt::format("moe_router_score_function = '{}' is not run by the optimized side (softmax)",
+                                   c.config.moe_router_score_function));
+    }
+    if (c.config.moe_token_dropping) issues.push_back("moe_token_dropping is not supported (0.5.0 is dropless)");
+  }
   // A case without linears needs only its heads divisible (heads_case_issues).
   if (!is_heads_component(c.component)) {
     for (const ConfigIssue& i : check_fits(pc, c.config)) issues.push_back(i.message());
