@@ -1,0 +1,373 @@
+// See generators.h: one drawing routine over a Chooser; Philox and RapidCheck choosers.
+#include "parity/generators.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "common/error.h"
+#include "common/rng.h"
+
+namespace paritron::parity {
+namespace {
+
+bool is_moe_component(const std::string& c) { return c == "moe_router" || c == "moe_layer"; }
+bool is_layer_component(const std::string& c) { return c == "transformer_layer" || c == "transformer_block"; }
+bool has_attention(const std::string& c) {
+  return c == "dot_product_attention" || c == "self_attention" || c == "cross_attention" || is_layer_component(c);
+}
+// Components whose (non-expert) linears run in fp8 when config.fp8 is set.
+bool has_fp8_linears(const std::string& c) {
+  return c == "self_attention" || c == "cross_attention" || c == "mlp" || is_layer_component(c);
+}
+
+// Whether a component can run on a fixed layout (moe: the filter's MoE choice).
+bool layout_admits(const std::string& c, const ParallelConfig& pc, std::optional<bool> moe) {
+  if (pc.pipeline_model_parallel_size > 1 && c != "transformer_block") return false;
+  if (pc.context_parallel_size > 1 && c == "cross_attention") return false;
+  if (pc.expert_model_parallel_size > 1) {
+    if (!is_moe_component(c) && !(is_layer_component(c) && moe.value_or(true))) return false;
+  }
+  if (is_moe_component(c) && moe == false) return false;
+  return true;
+}
+
+std::vector<int64_t> at_most(std::vector<int64_t> options, int64_t budget) {
+  std::erase_if(options, [budget](int64_t v) { return v > budget; });
+  if (options.empty()) options.push_back(1);
+  return options;
+}
+
+ParallelConfig draw_layout(Chooser& ch, const std::string& comp, bool moe, int64_t groups, int64_t max_world) {
+  ParallelConfig pc;
+  int64_t budget = std::max<int64_t>(1, max_world);
+  std::vector<int64_t> tps;  // tp divides the query groups (and so the heads)
+  for (int64_t t : at_most({1, 2, 4}, budget)) {
+    if (groups % t == 0) tps.push_back(t);
+  }
+  pc.tensor_model_parallel_size = ch.pick(tps);
+  budget /= pc.tensor_model_parallel_size;
+  if (comp == "transformer_block") {
+    pc.pipeline_model_parallel_size = ch.pick(at_most({1, 2, 4}, budget));
+    budget /= pc.pipeline_model_parallel_size;
+    if (pc.pipeline_model_parallel_size > 2 && ch.flag()) pc.virtual_pipeline_model_parallel_size = 2;
+  }
+  if (comp != "cross_attention") {
+    pc.context_parallel_size = ch.pick(at_most({1, 2}, budget));
+    budget /= pc.context_parallel_size;
+  }
+  pc.data_parallel_size = ch.pick(at_most({1, 2, 4}, budget));
+  if (moe && pc.context_parallel_size == 1) {
+    std::vector<int64_t> eps;
+    for (int64_t e : {1, 2, 4}) {
+      if (pc.data_parallel_size % e == 0) eps.push_back(e);
+    }
+    pc.expert_model_parallel_size = ch.pick(eps);
+  }
+  if (pc.tensor_model_parallel_size > 1) pc.sequence_parallel = pc.expert_model_parallel_size > 1 || ch.flag();
+  return pc;
+}
+
+template <class T>
+std::optional<T> maybe(Chooser& ch, const std::vector<T>& values) {  // nullopt first
+  const size_t i = ch.index(values.size() + 1);
+  if (i == 0) return std::nullopt;
+  return values[i - 1];
+}
+
+void draw_moe(Chooser& ch, TransformerConfig& cfg, const std::string& comp, const ParallelConfig& pc, bool large,
+              DType run) {
+  const int64_t ep = pc.expert_model_parallel_size, tp = pc.tensor_model_parallel_size;
+  const int64_t max_experts = large ? 16 : 8;
+  const int64_t experts = ep * ch.integer(ep == 1 ? 2 : 1, std::max<int64_t>(1, max_experts / ep));
+  cfg.num_moe_experts = experts;
+  cfg.moe_router_topk = ch.integer(1, std::min<int64_t>(experts, 4));
+  // parity/expected.h refuses a token-coupled router in a layer whose tokens
+  // cp / sp cut into groups: such layers get a router that couples nothing.
+  const bool splits = pc.context_parallel_size > 1 || pc.sequence_parallel;
+  const bool coupling_ok = !(is_layer_component(comp) && splits);
+  // Sinkhorn only with small logits (init std 0.02): the optimized side caps its
+  // iterations and refuses a dominant expert with few tokens (moe.cpp).
+  const std::vector<std::string> types = coupling_ok && cfg.init_method_std <= 0.02
+                                             ? std::vector<std::string>{"aux_loss", "none", "sinkhorn"}
+                                                     : std::vector<std::string>{"aux_loss", "none"};
+  cfg.moe_router_load_balancing_type = ch.pick(types);
+  const bool sinkhorn = cfg.moe_router_load_balancing_type == "sinkhorn";
+  cfg.moe_aux_loss_coeff = 0;
+  if (coupling_ok && cfg.moe_router_load_balancing_type == "aux_loss") cfg.moe_aux_loss_coeff = ch.pick<double>({0.0, 0.01, 0.1});
+  if (coupling_ok) {
+    cfg.moe_z_loss_coeff = maybe<double>(ch, {1e-3, 0.1});
+    cfg.moe_input_jitter_eps = maybe<double>(ch, {0.01});
+  }
+  if (coupling_ok && !sinkhorn) {
+    cfg.moe_expert_capacity_factor = maybe<double>(ch, {1.0, 0.5, 2.0});
+    if (cfg.moe_expert_capacity_factor) {
+      cfg.moe_pad_expert_input_to_capacity = ch.flag();
+      cfg.moe_token_drop_policy = ch.pick<std::string>({"probs", "position"});
+    }
+  }
+  // The optimized side runs softmax scores only, no GroupedMLP, and a router
+  // dtype only equal to the activations' (optimized/model/moe.cpp).
+  cfg.moe_router_pre_softmax = ch.flag();
+  if (run == DType::F32) cfg.moe_router_dtype = maybe<std::string>(ch, {"fp32"});
+  if (run == DType::F64) cfg.moe_router_dtype = maybe<std::string>(ch, {"fp64"});
+  if (ch.flag()) cfg.moe_ffn_hidden_size = tp * ch.integer(1, large ? 8 : 4);
+}
+
+int64_t lcm(int64_t a, int64_t b) { return std::lcm(a, b); }
+
+class PhiloxChooser final : public Chooser {
+ public:
+  explicit PhiloxChooser(uint64_t seed) : key_(rng_key(seed, "parity.case_spec")) {}
+
+ protected:
+  int64_t draw(int64_t lo, int64_t hi) override {
+    const double u = uniform(key_, counter_++);  // (0, 1)
+    const uint64_t span = static_cast<uint64_t>(hi - lo) + 1;
+    uint64_t k = static_cast<uint64_t>(u * static_cast<double>(span));
+    if (k >= span) k = span - 1;
+    return lo + static_cast<int64_t>(k);
+  }
+
+ private:
+  RngKey key_;
+  uint64_t counter_ = 0;
+};
+
+}  // namespace
+
+const std::vector<std::string>& generated_components() {
+  static const std::vector<std::string> c = {"layernorm",      "rmsnorm",         "mlp",        "dot_product_attention",
+                                             "rotary_pos_emb", "self_attention",  "cross_attention", "moe_router",
+                                             "moe_layer",      "transformer_layer", "transformer_block"};
+  return c;
+}
+
+std::string spec_dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "fp32";
+    case DType::BF16: return "bf16";
+    case DType::F16: return "fp16";
+    case DType::F8_E4M3: return "fp8";
+    case DType::F64: return "fp64";
+    default: return std::string(dtype_name(d));
+  }
+}
+
+DType parse_spec_dtype(const std::string& name) {
+  for (DType d : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3, DType::F64}) {
+    if (spec_dtype_name(d) == name) return d;
+  }
+  throw Error(fmt::format("unknown dtype '{}' (expected fp32, bf16, fp16, fp8 or fp64)", name));
+}
+
+DType run_dtype(const CaseSpec& spec) { return spec.dtype == DType::F8_E4M3 ? DType::BF16 : spec.dtype; }
+
+CaseSpec build_case_spec(Chooser& ch, const SpecFilter& f) {
+  CaseSpec spec;
+  // ---- component ----
+  if (f.layout) {
+    const std::vector<ConfigIssue> issues = f.layout->check();
+    if (!issues.empty()) throw Error(fmt::format("layout {}: {}", f.layout->layout_name(), issues.front().message()));
+  }
+  std::vector<std::string> components;
+  for (const std::string& c : generated_components()) {
+    if (f.component && *f.component != c) continue;
+    if (f.layout && !layout_admits(c, *f.layout, f.moe)) continue;
+    if (!f.layout && is_moe_component(c) && f.moe == false) continue;
+    components.push_back(c);
+  }
+  if (components.empty()) {
+    throw Error(fmt::format("no component{} runs on layout {}", f.component ? " " + *f.component : std::string(),
+                            f.layout ? f.layout->layout_name() : std::string("(any)")));
+  }
+  spec.component = ch.pick(components);
+  const std::string& comp = spec.component;
+  const bool large = f.large;
+
+  // ---- dtype ----
+  if (f.dtype) {
+    spec.dtype = *f.dtype;
+  } else {
+    std::vector<DType> dtypes = {DType::F32, DType::BF16, DType::F16};
+    if (has_fp8_linears(comp)) dtypes.push_back(DType::F8_E4M3);
+    spec.dtype = ch.pick(dtypes);
+  }
+
+  // ---- MoE on/off, layout ----
+  bool moe = is_moe_component(comp);
+  if (is_layer_component(comp)) {
+    if (f.moe) moe = *f.moe;
+    else if (f.layout && f.layout->expert_model_parallel_size > 1) moe = true;
+    else moe = ch.flag();
+  }
+  // Heads first (a failure shrinks toward few heads), query groups among their
+  // divisors (all heads first), tp among the groups' divisors; with a fixed
+  // layout, groups and heads are multiples of its tp.
+  int64_t heads = 0, groups = 0;
+  if (f.layout) {
+    groups = f.layout->tensor_model_parallel_size * ch.integer(1, large ? 4 : 2);
+    heads = comp == "cross_attention" ? groups : groups * ch.integer(1, large ? 4 : 3);
+  } else {
+    heads = ch.integer(1, large ? 16 : 8);
+    std::vector<int64_t> divisors;
+    for (int64_t d = heads; d >= 1; --d) {
+      if (heads % d == 0) divisors.push_back(d);
+    }
+    groups = comp == "cross_attention" ? heads : ch.pick(divisors);
+  }
+  spec.layout = f.layout ? *f.layout : draw_layout(ch, comp, moe, groups, f.max_world_size);
+  const ParallelConfig& pc = spec.layout;
+  const int64_t tp = pc.tensor_model_parallel_size, pp = pc.pipeline_model_parallel_size;
+  const int64_t cp = pc.context_parallel_size, dp = pc.data_parallel_size;
+  const int64_t vp = pc.virtual_pipeline_model_parallel_size.value_or(1);
+
+  // ---- architecture ----
+  TransformerConfig& cfg = spec.config;
+  cfg.num_layers = comp == "transformer_block" ? pp * vp * ch.integer(1, 2) : ch.integer(1, large ? 4 : 2);
+  cfg.num_attention_heads = heads;
+  if (groups != heads || ch.flag()) cfg.num_query_groups = groups;  // equal groups: sometimes left to the default
+  cfg.rotary_percent = ch.pick<double>({1.0, 0.5, 0.25});
+  const int64_t step = cfg.rotary_percent == 1.0 ? 2 : cfg.rotary_percent == 0.5 ? 4 : 8;  // int(hn * pct) even, > 0
+  const int64_t hn = step * ch.integer(1, std::max<int64_t>(1, (large ? 32 : 8) / step));
+  cfg.rotary_interleaved = ch.flag();
+  if (!ch.flag()) {
+    cfg.hidden_size = heads * hn;  // kv_channels derived: hidden // heads = hn
+  } else {
+    cfg.kv_channels = hn;
+    cfg.hidden_size = ch.integer(1, large ? 64 : 16);
+  }
+  if (!ch.flag()) cfg.ffn_hidden_size = tp * ch.integer(1, large ? 8 : 4);  // else 4h, which tp divides
+  if (comp == "layernorm") cfg.normalization = "LayerNorm";
+  else if (comp == "rmsnorm") cfg.normalization = "RMSNorm";
+  else cfg.normalization = ch.pick<std::string>({"LayerNorm", "RMSNorm"});
+  cfg.layernorm_zero_centered_gamma = ch.flag();
+  cfg.layernorm_epsilon = ch.pick<double>({1e-5, 1e-6, 1e-3});
+  cfg.gated_linear_unit = ch.flag();
+  cfg.activation_func = std::string(kActivationNames[ch.index(kActivationNames.size())]);
+  cfg.add_bias_linear = ch.flag();
+  cfg.add_qkv_bias = ch.flag();
+  if ((cfg.activation_func == "gelu" && cfg.add_bias_linear) || (cfg.activation_func == "silu" && cfg.gated_linear_unit)) {
+    cfg.bias_activation_fusion = ch.flag();
+  }
+  cfg.apply_query_key_layer_scaling = ch.flag();
+  cfg.softmax_scale = maybe<double>(ch, {0.5, 0.25, 1.0});
+  cfg.hidden_dropout = ch.pick<double>({0.0, 0.1});
+  cfg.attention_dropout = ch.pick<double>({0.0, 0.1});
+  cfg.init_method_std = ch.pick<double>({0.02, 0.2});
+  if (moe) draw_moe(ch, cfg, comp, pc, large, spec.dtype == DType::F8_E4M3 ? DType::BF16 : spec.dtype);
+
+  // ---- dtype in the config ----
+  if (spec.dtype == DType::BF16) cfg.bf16 = true;
+  if (spec.dtype == DType::F16) cfg.fp16 = true;
+  if (spec.dtype == DType::F8_E4M3) {
+    cfg.bf16 = true;
+    cfg.fp8 = ch.pick<std::string>({"e4m3", "hybrid"});
+  }
+
+  // ---- shapes ----
+  int64_t unit = 1;
+  if (cp > 1) unit = lcm(unit, 2 * cp);
+  if (pc.sequence_parallel) unit = lcm(unit, cp * tp);
+  const int64_t max_s = large ? 64 : 8;
+  spec.seq = unit * ch.integer(1, std::max<int64_t>(1, max_s / unit));
+  spec.batch = dp * ch.integer(1, large ? 4 : 2);
+
+  // ---- mask, window, rotary, layer number ----
+  if (has_attention(comp)) {
+    spec.mask_type = comp == "cross_attention" ? ch.pick<std::string>({"padding", "no_mask"})
+                                               : ch.pick<std::string>({"causal", "no_mask", "padding"});
+    if (spec.mask_type == "causal") spec.explicit_mask = ch.flag();
+    if (comp != "cross_attention" && ch.flag()) {
+      const int64_t left = ch.integer(0, spec.seq);  // seq: unbounded (-1)
+      const int64_t right = spec.mask_type == "causal" ? 0 : ch.pick<int64_t>({0, -1, 1});
+      cfg.window_size = std::array<int64_t, 2>{left == spec.seq ? -1 : left, right};
+    }
+    if (comp != "transformer_block") spec.layer_number = ch.integer(1, cfg.num_layers);
+  }
+  if (comp == "self_attention" || is_layer_component(comp)) spec.rotary = ch.flag();
+
+  spec.training = f.training ? *f.training : ch.flag();
+  spec.seed = static_cast<uint64_t>(ch.integer(0, (int64_t{1} << 31) - 1));
+  return spec;
+}
+
+CaseSpec draw_case_spec(uint64_t seed, const SpecFilter& filter) {
+  PhiloxChooser chooser(seed);
+  return build_case_spec(chooser, filter);
+}
+
+uint64_t case_seed(uint64_t sweep_seed, uint64_t index) { return splitmix64(splitmix64(sweep_seed) ^ index); }
+
+std::string describe(const CaseSpec& s) {
+  const TransformerConfig& c = s.config;
+  std::string out = fmt::format("{} {} {} s={} b={}", s.component, spec_dtype_name(s.dtype), s.layout.layout_name(), s.seq,
+                                s.batch);
+  if (!s.mask_type.empty()) out += fmt::format(" mask={}{}", s.mask_type, s.explicit_mask ? "(explicit)" : "");
+  if (s.rotary) out += " rotary";
+  out += s.training ? " train" : " eval";
+  out += fmt::format(" seed={} | L={} h={} n={}", s.seed, c.num_layers, c.hidden_size, c.num_attention_heads);
+  if (c.num_query_groups) out += fmt::format(" g={}", *c.num_query_groups);
+  if (c.kv_channels) out += fmt::format(" kv={}", *c.kv_channels);
+  if (c.ffn_hidden_size) out += fmt::format(" ffn={}", *c.ffn_hidden_size);
+  out += fmt::format(" {} eps={}", c.normalization, c.layernorm_epsilon);
+  if (c.layernorm_zero_centered_gamma) out += " zc_gamma";
+  out += fmt::format(" {}{}", c.gated_linear_unit ? "glu-" : "", c.activation_func);
+  if (c.bias_activation_fusion) out += " bias_act_fusion";
+  out += c.add_bias_linear ? " bias" : " no_bias";
+  if (c.add_qkv_bias) out += " qkv_bias";
+  if (c.apply_query_key_layer_scaling) out += fmt::format(" qk_scaling(layer {})", s.layer_number);
+  else if (s.layer_number != 1) out += fmt::format(" layer_number={}", s.layer_number);
+  if (c.softmax_scale) out += fmt::format(" softmax_scale={}", *c.softmax_scale);
+  if (c.rotary_percent != 1.0) out += fmt::format(" rotary_percent={}", c.rotary_percent);
+  if (c.rotary_interleaved) out += " rotary_interleaved";
+  if (c.window_size) out += fmt::format(" window=({},{})", (*c.window_size)[0], (*c.window_size)[1]);
+  if (c.hidden_dropout != 0 || c.attention_dropout != 0) out += fmt::format(" dropout={}/{}", c.hidden_dropout, c.attention_dropout);
+  out += fmt::format(" std={}", c.init_method_std);
+  if (c.fp8) out += fmt::format(" fp8={}", *c.fp8);
+  if (c.num_moe_experts) {
+    out += fmt::format(" | moe E={} k={} {}", *c.num_moe_experts, c.moe_router_topk, c.moe_router_load_balancing_type);
+    if (c.moe_aux_loss_coeff != 0) out += fmt::format(" aux={}", c.moe_aux_loss_coeff);
+    if (c.moe_z_loss_coeff) out += fmt::format(" z={}", *c.moe_z_loss_coeff);
+    if (c.moe_input_jitter_eps) out += fmt::format(" jitter={}", *c.moe_input_jitter_eps);
+    if (c.moe_expert_capacity_factor) {
+      out += fmt::format(" capacity={} drop={}{}", *c.moe_expert_capacity_factor, c.moe_token_drop_policy,
+                         c.moe_pad_expert_input_to_capacity ? " pad" : "");
+    }
+    if (c.moe_router_score_function != "softmax") out += " " + c.moe_router_score_function;
+    if (c.moe_router_pre_softmax) out += " pre_softmax";
+    if (c.moe_router_dtype) out += " router_dtype=" + *c.moe_router_dtype;
+    if (c.moe_grouped_gemm) out += " grouped_gemm";
+    if (c.moe_ffn_hidden_size) out += fmt::format(" moe_ffn={}", *c.moe_ffn_hidden_size);
+  }
+  return out;
+}
+
+std::ostream& operator<<(std::ostream& os, const CaseSpec& spec) { return os << describe(spec); }
+
+ref::MakeCaseOptions make_options(const CaseSpec& s) {
+  ref::MakeCaseOptions o;
+  o.component = s.component;
+  o.config = s.config;
+  o.seed = s.seed;
+  o.seq_length = s.seq;
+  o.kv_seq_length = 0;  // sk = s (context parallelism and sliding windows need sq == sk)
+  o.micro_batch_size = s.batch;
+  o.attn_mask_type = s.mask_type;
+  o.explicit_mask = s.explicit_mask;
+  o.rotary = s.rotary;
+  o.training = s.training;
+  o.backward = true;
+  o.taps = false;
+  o.layer_number = s.layer_number;
+  return o;
+}
+
+opt::OptimizedOptions optimized_options(const CaseSpec& s) {
+  opt::OptimizedOptions o;
+  o.dtype = run_dtype(s);
+  return o;
+}
+
+}  // namespace paritron::parity
