@@ -105,6 +105,13 @@ ref::ReferenceResult expected_for_layout(const Case& c, const ParallelConfig& pc
                             "without losses)",
                             c.component, pc.layout_name()));
   }
+  if (c.training && (c.config.hidden_dropout > 0 || c.config.attention_dropout > 0) &&
+      (c.component == "transformer_layer" || c.component == "transformer_block")) {
+    throw Error(fmt::format("{} on {}: a token-coupled MoE router is compared per token group, and each group's "
+                            "reference run would draw its own dropout masks, not the whole batch's; run it in eval, "
+                            "without dropout, or on one data-parallel rank with one micro-batch",
+                            c.component, pc.layout_name()));
+  }
   const bool token_wise = c.component == "moe_layer" || c.component == "moe_router";
   if (splits_sequences && !token_wise) {
     throw Error(fmt::format("{} on {}: the MoE router's capacity / aux loss / z-loss / jitter / sinkhorn are computed "

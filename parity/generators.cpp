@@ -289,6 +289,17 @@ CaseSpec build_case_spec(Chooser& ch, const SpecFilter& f) {
   if (comp == "self_attention" || is_layer_component(comp)) spec.rotary = ch.flag();
 
   spec.training = f.training ? *f.training : ch.flag();
+  // A token-coupled router compared per token group (data-parallel ranks,
+  // pipeline micro-batches): the reference runs each group as a case of its
+  // own, whose dropout draws would not be the whole batch's. Such layers
+  // train without dropout (parity/expected.cpp refuses the combination).
+  const bool coupled = cfg.num_moe_experts &&
+                       (cfg.moe_aux_loss_coeff > 0 || cfg.moe_z_loss_coeff || cfg.moe_input_jitter_eps ||
+                        cfg.moe_expert_capacity_factor || cfg.moe_router_load_balancing_type == "sinkhorn");
+  if (coupled && is_layer_component(comp) && (pc.data_parallel_size > 1 || pc.pipeline_model_parallel_size > 1)) {
+    cfg.hidden_dropout = 0;
+    cfg.attention_dropout = 0;
+  }
   spec.seed = static_cast<uint64_t>(ch.integer(0, (int64_t{1} << 31) - 1));
   return spec;
 }

@@ -26,6 +26,7 @@ void register_config(CLI::App& app, Action& action);
 void register_case(CLI::App& app, Action& action);
 void register_check(CLI::App& app, Action& action);
 void register_optimized(CLI::App& app, Action& action);
+void register_parity(CLI::App& app, Action& action);
 void register_case_make(CLI::App& group, Action& action);  // `case make`, inside the `case` group
 
 }  // namespace paritron::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   register_case(app, action);
   register_check(app, action);
   register_optimized(app, action);
+  register_parity(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
