@@ -23,38 +23,18 @@
 
 #include <fmt/format.h>
 
-#include "common/init.h"
-#include "common/rng.h"
-#include "common/transformer_config.h"
+#include "bench/layer_case.h"
 #include "reference/run_case.h"
 
 namespace {
 
 using paritron::Case;
 using paritron::DType;
-using paritron::Tensor;
+using paritron::bench::forward_flops;
 
 Case layer_case(int64_t hidden, int64_t heads, int64_t ffn, int64_t seq) {
-  Case c;
-  c.component = "transformer_layer";
-  c.config = paritron::config_from_json_text(
-                 fmt::format(R"({{"num_layers": 1, "hidden_size": {}, "num_attention_heads": {},
-                     "ffn_hidden_size": {}, "hidden_dropout": 0.0, "attention_dropout": 0.0}})",
-                             hidden, heads, ffn))
-                 .config;
-  c.config_json = paritron::config_to_json_text(c.config);
-  for (auto& [key, t] : paritron::init_parameters("transformer_layer", c.config, 1, DType::F64)) {
-    c.tensors["weights." + key] = std::move(t);
-  }
-  for (const char* name : {"hidden_states", "grad_output"}) {
-    Tensor t(DType::F64, {seq, 1, hidden});
-    paritron::fill_uniform(t, paritron::rng_key(1, std::string("inputs.") + name), 0, -1.0, 1.0);
-    c.tensors[std::string("inputs.") + name] = std::move(t);
-  }
-  return c;
+  return paritron::bench::layer_case(hidden, heads, ffn, seq, DType::F64);
 }
-
-double forward_flops(double h, double f, double s) { return 2 * s * (4 * h * h + 2 * h * f) + 4 * s * s * h; }
 
 void run(benchmark::State& state, int64_t hidden, int64_t heads, int64_t ffn, int64_t seq, bool backward) {
   const Case c = layer_case(hidden, heads, ffn, seq);
