@@ -14,6 +14,7 @@
 #include "optimized/comm/comm.h"
 #include "optimized/comm/run_ranks.h"
 #include "optimized/comm/thread_comm.h"
+#include "optimized/faults.h"
 #include "optimized/model/attention.h"
 #include "optimized/model/gather.h"
 #include "optimized/model/layer.h"
@@ -182,10 +183,25 @@ void load_params(ModelContext& m, const Case& c, const RankPlan& p) {
   const ParallelConfig& pc = p.ps.pc;
   const int64_t experts = c.config.num_moe_experts.value_or(1);
   const int64_t ep = pc.expert_model_parallel_size, per_rank = experts / ep;
-  for (const auto& [name, tensor] : c.tensors) {
-    if (name.rfind("weights.", 0) != 0) continue;
-    const std::string key = local_key(name.substr(8));
-    const int64_t layer = layer_of_key(key);
+  for (const auto& [case_name, tensor] : c.tensors) {
+    if (case_name.rfind("weights.", 0) != 0) continue;
+    std::string name = case_name;
+    std::string key = local_key(name.substr(8));
+    int64_t layer = layer_of_key(key);
+    if (faults::active(faults::Fault::pipeline_layer_offset) && c.component == "transformer_block" &&
+        pc.pipeline_model_parallel_size > 1 && layer >= 0) {
+      // The stage's layer offset is off by one stage (chunk): checkpoint layer
+      // l is loaded as layer l - per_chunk (mod L), so stage p runs the layers
+      // of stage p + 1 under its own layer names.
+      const int64_t L = c.config.num_layers;
+      const int64_t per_chunk =
+          L / (pc.pipeline_model_parallel_size * pc.virtual_pipeline_model_parallel_size.value_or(1));
+      const int64_t as = ((layer - per_chunk) % L + L) % L;
+      const std::string from = fmt::format("layers.{}.", layer), to = fmt::format("layers.{}.", as);
+      key = to + key.substr(from.size());
+      name.replace(name.find(from), from.size(), to);
+      layer = as;
+    }
     if (c.component == "transformer_block") {
       if (layer >= 0 && !p.layers.count(layer)) continue;
       if (key.rfind("final_layernorm.", 0) == 0 && !(p.last_stage && p.chunks.back().final_norm)) continue;
@@ -260,6 +276,7 @@ void reduce_gradients(ModelContext& m) {
       m.comm.all_reduce(param.grad, m.ps.tp);
     }
     const Group& g = param.expert ? m.ps.edp : m.ps.dp_cp;
+    if (faults::active(faults::Fault::missing_dp_grad_allreduce)) continue;  // every rank skips it alike
     if (g.size() > 1) m.comm.all_reduce(param.grad, g);
   }
 }

@@ -69,6 +69,27 @@ Case case_for_group(const Case& c, const TokenGroup& g) {
   return sub;
 }
 
+// The router taps the near-tie check reads (parity/near_ties.h): kept per
+// group as rows appended in group order, so the truth's and an emulation's
+// rows line up.
+bool is_router_tap(const std::string& name) {
+  if (name.rfind("outputs.intermediate.", 0) != 0) return false;
+  return name.ends_with("router.logits") || name.ends_with("router.topk_margin") ||
+         name.ends_with("router.order_margin") || name.ends_with("router.capacity_margin") ||
+         name.ends_with("router.selection") ||
+         name.ends_with("linear_fc1");
+}
+
+Tensor append_rows(const Tensor& top, const Tensor& bottom) {
+  if (top.dim() != 2 || bottom.dim() != 2 || top.shape()[1] != bottom.shape()[1] || top.dtype() != bottom.dtype()) {
+    throw Error("expected_for_layout: router taps of two token groups do not line up");
+  }
+  Tensor out(top.dtype(), {top.shape()[0] + bottom.shape()[0], top.shape()[1]});
+  std::copy(top.bytes().begin(), top.bytes().end(), out.bytes().begin());
+  std::copy(bottom.bytes().begin(), bottom.bytes().end(), out.bytes().begin() + static_cast<std::ptrdiff_t>(top.nbytes()));
+  return out;
+}
+
 void add_into(Tensor& total, const Tensor& part) {
   for (int64_t i = 0; i < total.numel(); ++i) total.set(i, total.get(i) + part.get(i));
 }
@@ -148,8 +169,16 @@ ref::ReferenceResult expected_for_layout(const Case& c, const ParallelConfig& pc
     const int64_t s = static_cast<int64_t>(g.positions.size());
     total.notes = part.notes;
     for (auto& [name, t] : part.tensors) {
-      if (name.rfind("outputs.intermediate.", 0) == 0) continue;  // taps of one group's internals
       auto it = total.tensors.find(name);
+      if (is_router_tap(name)) {
+        if (it == total.tensors.end()) {
+          total.tensors.emplace(name, std::move(t));
+        } else {
+          it->second = append_rows(it->second, t);
+        }
+        continue;
+      }
+      if (name.rfind("outputs.intermediate.", 0) == 0) continue;  // taps of one group's internals
       const bool per_token = is_token_result(name) && t.dim() >= 2 && t.shape()[0] == s && t.shape()[1] == g.n;
       const bool router_rows = t.dim() == 2 && t.shape()[0] == s * g.n && name.rfind("outputs.router_", 0) == 0;
       if (per_token || router_rows) {

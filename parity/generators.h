@@ -46,26 +46,50 @@
 //   * the padding mask: make_case draws the key lengths from the seed, the
 //     last sequence fully masked when b > 1 (fully masked rows).
 //
-// Profiles (fixtures/profiles/<name>.json; schema only, files not written
-// yet). A profile narrows the distribution; every key is optional and a
-// missing key keeps the generator's full range:
+// Profiles (fixtures/profiles/<name>.json, `paritron parity --profile NAME`;
+// loaded by parity/profile.h, carried by SpecFilter::profile). A profile
+// narrows the distribution; every key is optional and a missing key keeps the
+// generator's full range. Comments (// and /* */) are allowed:
 //   {
-//     "name": "llama-like",
-//     "components": ["transformer_layer", "transformer_block"],   // choice list
-//     "dtypes": ["bf16", "fp8"],                                  // fp32 | bf16 | fp16 | fp8
-//     "max_world_size": 8,
-//     "large": false,                                             // shape ranges
-//     "ranges": { "tp": [1, 4], "heads_per_group": [1, 4], "kv_channels": [4, 16],
-//                 "num_layers": [1, 4], "experts": [4, 8], "topk": [1, 2] },
+//     "name": "llama-like",                     // default: the file's stem
+//     "description": "free text",
+//     "components": ["self_attention", "mlp", "transformer_layer", "transformer_block"],
+//     "dtypes": ["fp32", "bf16"],                // fp32 | bf16 | fp16 | fp8 | fp64
+//     "max_world_size": 8,                       // min with SpecFilter::max_world_size
+//     "large": false,                            // true: the larger shape ranges (SpecFilter::large)
+//     "ranges": { "heads": [2, 8], "heads_per_group": [2, 4], "kv_channels": [4, 8],
+//                 "num_layers": [1, 4], "experts": [4, 8], "topk": [2, 2], "seq": [4, 8] },
 //     "choices": { "normalization": ["RMSNorm"], "activation_func": ["silu"],
 //                  "gated_linear_unit": [true], "add_bias_linear": [false],
 //                  "moe": [false], "router": ["aux_loss"], "mask": ["causal"],
-//                  "rotary": [true], "training": [false, true] }
+//                  "rotary": [true], "training": [false, true], "tp": [1, 2] }
 //   }
-// Ranges are inclusive [lo, hi] over the drawn multipliers; choice lists keep
-// their simplest-first order after filtering. (SpecFilter below carries the
-// subset implemented now: component, dtype, layout, world size, shapes,
-// training, MoE on/off.)
+// The keys and their domains: profile_choice_domains() and
+// profile_range_domains() in parity/profile.h (the loader rejects any other
+// key or value, empty lists, lo > hi and ranges outside the generator's range
+// for the profile's "large"). Semantics:
+//   * a choice list keeps the listed values of a decision, in the generator's
+//     simplest-first order whatever order the file uses (so shrinking still
+//     goes toward the simplest allowed value);
+//   * a range bounds a value; where the generator draws a multiple unit * m
+//     (ffn = tp * c, experts = ep * m, s = unit * m, b = dp * m, a block's
+//     layers = pp * vp * m, head dim = step * m), m is clamped to
+//     [ceil(lo / unit), floor(hi / unit)]; heads and heads_per_group narrow
+//     the heads drawn and the query groups among their divisors;
+//   * "components" and the profile's norms / MoE / dtypes also narrow the
+//     components ("normalization": ["RMSNorm"] drops layernorm, "moe": [false]
+//     drops moe_router and moe_layer, "moe": [true] makes every
+//     transformer_layer / block MoE, a component none of whose dtypes is listed
+//     is dropped);
+//   * the filter's fixed values (component, dtype, layout, training, moe) win
+//     over the profile; where an earlier decision or a validity constraint
+//     leaves no value the profile allows (tp 2 with an odd number of groups,
+//     sp forced by ep, a token-coupled router on a split layout), validity
+//     wins and the simplest valid value is taken (or the nearest multiple);
+//   * without a profile, the profile hooks draw nothing of their own: a
+//     profile adds no decision, so a seed's spec depends only on the
+//     generator's version (seeds and repro lines are per version of Paritron).
+// Bundled: tiny, gpt-like, llama-like, mixtral-like.
 #pragma once
 
 #include <cstdint>
@@ -76,8 +100,10 @@
 
 #include "common/dtype.h"
 #include "common/parallel_config.h"
+#include "common/rng.h"
 #include "common/transformer_config.h"
 #include "optimized/run_case.h"
+#include "parity/profile.h"
 #include "reference/make_case.h"
 
 namespace paritron::parity {
@@ -108,6 +134,7 @@ struct SpecFilter {
   bool large = false;                       // larger shapes (s up to 64, wider heads, more experts)
   std::optional<bool> training;
   std::optional<bool> moe;                  // transformer_layer/block: force MoE on or off
+  std::optional<Profile> profile;           // narrows everything not fixed above (parity/profile.h)
 };
 
 // The components drawn, simplest first (the optimized side's list).
@@ -131,6 +158,19 @@ class Chooser {
 
  protected:
   virtual int64_t draw(int64_t lo, int64_t hi) = 0;  // lo < hi
+};
+
+// draw_case_spec's chooser: decision j is uniform(key(seed), j) scaled to [lo, hi].
+class PhiloxChooser final : public Chooser {
+ public:
+  explicit PhiloxChooser(uint64_t seed);
+
+ protected:
+  int64_t draw(int64_t lo, int64_t hi) override;
+
+ private:
+  RngKey key_;
+  uint64_t counter_ = 0;
 };
 
 // The one drawing routine. Throws Error when the filter admits no case (a

@@ -21,6 +21,8 @@ namespace paritron::parity {
 
 struct SweepFilterArgs {  // the filter as the command line spells it, for repro lines
   std::string component, dtype, layout;
+  std::string profile;  // --profile NAME (fixtures/profiles/NAME.json) or a file
+  std::string fault;    // --fault NAME (a -DPARITRON_FAULTS=ON build): part of the repro, not of the draw
 };
 
 struct CaseResult {
@@ -30,16 +32,33 @@ struct CaseResult {
   std::string error;                    // the case could not be made or run (a failure too)
   std::vector<TensorVerdict> verdicts;
   const TensorVerdict* worst() const;   // the verdict with the largest error / bound (null if none)
-  int64_t routing_ties = 0;             // MoE choices that differ from the truth's, not judged (near-ties)
+  double needed_k() const;              // the largest needed_k of the floating verdicts (calibration)
+  std::vector<std::string> resampled;   // the near-tie draws replaced before this one (parity/near_ties.h)
+  std::string near_tie;                 // run_spec_case: the spec is a near tie, not judged (passed stays true)
+  std::string closest_decision;         // the judged case's decision closest to a tie (routing, capacity, ReLU), if any
   double seconds = 0;
   std::string repro;
   Case made;                            // the case file (kept for --save-failures)
 };
 
+// " --component C --dtype D ..." for the filters set (repro lines end with it).
+std::string filter_flags(const SweepFilterArgs& args);
+
 // The filter a command line asks for (throws Error for an unknown component,
 // dtype or layout).
 SpecFilter make_filter(const SweepFilterArgs& args);
 
+// The seed case `index` of sweep `seed` is drawn from after `attempt`
+// near-tie redraws (attempt 0: case_seed(seed, index)).
+uint64_t attempt_seed(uint64_t seed, uint64_t index, int attempt);
+
+// Case `index` of the sweep `seed`: drawn, redrawn while its routing is a
+// near tie (up to 16 times; `resampled` lists them), run and judged.
 CaseResult run_sweep_case(uint64_t seed, uint64_t index, const SpecFilter& filter, const SweepFilterArgs& args);
+
+// One given spec, run and judged, without redrawing: a near tie is reported in
+// `near_tie` and not judged (shrinking treats it as not failing). `index` and
+// `repro` are left for the caller.
+CaseResult run_spec_case(const CaseSpec& spec);
 
 }  // namespace paritron::parity

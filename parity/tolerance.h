@@ -11,7 +11,17 @@
 //                     ReferenceOptions::dtype, or expected_for_layout)
 //   scale           = max_i |truth_i|
 //   floor           = c * u(dtype) * sqrt(n) * scale
-//   bound           = k * reference_error + floor
+//   sensitivity     = max_i |perturbed_i - truth_i|   (the float64 truth of the
+//                     case with weights and inputs perturbed by a relative
+//                     2^-24, parity/sensitivity.h: the conditioning the
+//                     emulation, computing inside kernels in float64, misses)
+//   pooled_error    = the (lower) median over the tensors T' of the family
+//                     (every output, or every gradient; pooled when it has 3
+//                     or more) of reference_error(T') / scale(T'), times
+//                     scale: the emulation's typical relative error, a stable
+//                     estimate where one tensor's max is a lucky draw
+//   bound           = k * max(reference_error, pooled_error)
+//                     + k_s * sensitivity + floor
 //   passed          = error <= bound
 //
 // u is the dtype's unit roundoff (2^-53 F64, 2^-24 F32, 2^-11 F16, 2^-8
@@ -55,7 +65,12 @@ struct ToleranceParams {
   double k = 0.0;  // 0: the measured default for the dtype (default_k)
   // c: the floor's multiple of u * sqrt(n) * scale.
   double c = 0.0;  // 0: the measured default (default_c)
-  // Tensors judged elsewhere (near-tie routing decisions, issue #6).
+  // The float64 truth of the perturbed case (parity/sensitivity.h); null: no
+  // conditioning term.
+  const std::map<std::string, Tensor>* perturbed = nullptr;
+  // k_s: the multiple of the sensitivity the optimized may add.
+  double k_sensitivity = 0.0;  // 0: the measured default (default_k_sensitivity)
+  // Tensors judged elsewhere.
   std::set<std::string> skip;
   // Tensors whose names start with this are left out unless the actual has
   // them (the reference's intermediate taps; the optimized side records none).
@@ -65,6 +80,7 @@ struct ToleranceParams {
 // The measured constants (parity/README.md).
 double default_k(DType dtype);
 double default_c(DType dtype);
+double default_k_sensitivity(DType dtype);
 
 // Unit roundoff of a floating dtype: 2^-53, 2^-24, 2^-11, 2^-8, 2^-4 (F8_E4M3),
 // 2^-3 (F8_E5M2). Throws Error for an integer dtype.
@@ -82,17 +98,24 @@ struct TensorVerdict {
   bool skipped = false;          // in ToleranceParams::skip: not judged here
   bool integral = false;         // judged exactly
   double error = 0;              // max |actual - truth|
-  double bound = 0;              // k * reference_error + floor
+  double bound = 0;              // k * max(reference_error, pooled_error) + k_s * sensitivity + floor
   double reference_error = 0;    // max |emulated - truth|
   double floor = 0;              // c * u * sqrt(n) * scale
+  double sensitivity = 0;        // max |perturbed truth - truth| (0 without ToleranceParams::perturbed)
+  double pooled_error = 0;       // the family's median reference_error / scale, times this scale
+  double needed_k = 0;           // the smallest k this tensor passes with (calibration; +inf: the
+                                 // reference error is 0 and the floor does not cover the error)
   double scale = 0;              // max |truth|
   int64_t worst_index = -1;      // flat index of the largest |actual - truth| (-1: none)
+  Shape shape;                   // the tensor's shape (worst_position() turns worst_index into a multi-index)
   double expected = 0, actual = 0;  // truth and actual at worst_index
   std::string note;              // why it failed beyond the numbers (missing, shape), else empty
 
   // error / bound (0 when both are 0; +inf when only the bound is 0).
   double ratio() const;
-  // One line: PASS/FAIL name error bound (k*ref + floor) worst [i] exp/act.
+  // "[s, b, h]" of worst_index in shape (row-major), "" when none.
+  std::string worst_position() const;
+  // One line: PASS/FAIL name error bound (its parts) worst [multi-index] expected / actual.
   std::string summary() const;
 };
 

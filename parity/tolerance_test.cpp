@@ -69,6 +69,7 @@ TEST(Tolerance, HandComputedVerdicts) {
     const TensorVerdict v = judge(truth, emulated, actual, DType::BF16, 16, p)[0];
     EXPECT_FALSE(v.passed) << v.summary();
     EXPECT_EQ(v.worst_index, 3);
+    EXPECT_EQ(v.worst_position(), "[3]");
     EXPECT_NE(v.summary().find("FAIL outputs.output"), std::string::npos);
   }
   // F32 with no emulated error: the floor alone, 2^-24 * 1 * 2.
@@ -301,4 +302,18 @@ TEST(Tolerance, MeasureDistribution) {
 }
 
 }  // namespace
+
+// The worst element as a multi-index of the tensor's shape (row-major).
+TEST(Tolerance, WorstPositionIsAMultiIndex) {
+  TensorVerdict v;
+  v.shape = {2, 3, 4};
+  v.worst_index = 1 * 12 + 2 * 4 + 3;
+  EXPECT_EQ(v.worst_position(), "[1, 2, 3]");
+  v.worst_index = -1;
+  EXPECT_EQ(v.worst_position(), "");
+  v.shape = {};
+  v.worst_index = 0;
+  EXPECT_EQ(v.worst_position(), "[]");
+}
+
 }  // namespace paritron::parity

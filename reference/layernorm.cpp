@@ -56,12 +56,14 @@ NormForward layernorm_forward(const TransformerConfig& cfg, const Params& w, con
   fwd.output.resize(x.rows(), h);
   fwd.normalized.resize(x.rows(), h);
   fwd.rstd.resize(x.rows());
+  const DType c = norm_compute_dtype(p);
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const double mean = x.row(t).mean();
-    const double var = (x.row(t).array() - mean).square().mean();  // biased: divide by h
-    const double rstd = 1.0 / std::sqrt(var + eps);
+    const double mean = round_to(x.row(t).mean(), c);
+    const Mat diff = rounded(x.row(t).array() - mean, c);
+    const double var = round_to(diff.array().square().mean(), c);  // biased: divide by h
+    const double rstd = round_to(1.0 / std::sqrt(round_to(var + eps, c)), c);
     fwd.rstd[t] = rstd;
-    fwd.normalized.row(t) = (x.row(t).array() - mean) * rstd;
+    fwd.normalized.row(t) = rounded(diff * rstd, c);
     fwd.output.row(t) = fwd.normalized.row(t).array() * gamma.array() + beta.array();
   }
   round_inplace(fwd.output, p.dtype);
@@ -76,12 +78,14 @@ Mat layernorm_backward(const TransformerConfig& cfg, const Params& w, const Mat&
   w.row("bias", h);  // a LayerNorm without its bias is malformed
 
   Mat dx(x.rows(), h);
+  const DType c = norm_compute_dtype(p);
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const Eigen::ArrayXd g = (dy.row(t).array() * gamma.array()).transpose();
+    const Eigen::ArrayXd g = rounded((dy.row(t).array() * gamma.array()).transpose(), c).array();
     const Eigen::ArrayXd xhat = fwd.normalized.row(t).transpose().array();
-    const double mean_g = g.mean();
-    const double mean_gx = (g * xhat).mean();
-    dx.row(t) = (fwd.rstd[t] * (g - mean_g - xhat * mean_gx)).transpose();
+    const double mean_g = round_to(g.mean(), c);
+    const double mean_gx = round_to((g * xhat).mean(), c);
+    const Mat centred = rounded(rounded(g - mean_g, c).array() - rounded(xhat * mean_gx, c).array(), c);
+    dx.row(t) = (fwd.rstd[t] * centred.array()).transpose();
   }
   round_inplace(dx, p.dtype);
   // Column sums over tokens; the weight gradient equals the gamma gradient.

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 #include "common/error.h"
 #include "common/init.h"
 #include "common/module_params.h"
@@ -22,6 +24,22 @@ Tensor normal_tensor(const Shape& shape, uint64_t seed, const std::string& name,
   return t;
 }
 
+// Exact mode: centre + i * 2^-shift, i uniform in [-range, range] (an
+// integer draw from the counter-based uniform, keyed like the normal draw).
+Tensor dyadic_tensor(const Shape& shape, const MakeCaseOptions& o, const std::string& name, double centre,
+                     DType dtype) {
+  Tensor t(DType::F64, shape);
+  const RngKey key = rng_key(o.seed, name);
+  const int64_t span = 2 * o.dyadic_range + 1;
+  const double step = std::ldexp(1.0, -static_cast<int>(o.dyadic_shift));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    int64_t k = static_cast<int64_t>(uniform(key, static_cast<uint64_t>(i)) * static_cast<double>(span));
+    if (k >= span) k = span - 1;
+    t.set(i, centre + static_cast<double>(k - o.dyadic_range) * step);
+  }
+  return dtype == DType::F64 ? t : t.to(dtype);
+}
+
 // The component whose parameters a case of `component` holds (a router case
 // holds the router's "weight").
 std::vector<ParamSpec> case_params(const std::string& component, const TransformerConfig& cfg) {
@@ -32,6 +50,11 @@ std::vector<ParamSpec> case_params(const std::string& component, const Transform
 // One parameter under `key`: Megatron's init, or the "random" draw.
 Tensor draw_param(const ParamSpec& spec, const std::string& key, const TransformerConfig& cfg,
                   const MakeCaseOptions& o) {
+  if (o.dyadic) {
+    const bool norm_weight = spec.shape.size() == 1 && spec.key.find("bias") == std::string::npos;
+    const double centre = norm_weight && !cfg.layernorm_zero_centered_gamma ? 1.0 : 0.0;
+    return dyadic_tensor(spec.shape, o, key, centre, o.dtype);
+  }
   if (o.weights == "megatron") {
     ParamSpec keyed = spec;
     keyed.key = key;
@@ -96,7 +119,8 @@ void add_inputs(Case& c, const MakeCaseOptions& o) {
   const int64_t sk = o.kv_seq_length > 0 ? o.kv_seq_length : s;
   const int64_t hn = *cfg.kv_channels, n = cfg.num_attention_heads, g = *cfg.num_query_groups;
   auto input = [&](const std::string& name, Shape shape) {
-    c.tensors["inputs." + name] = normal_tensor(shape, o.seed, "inputs." + name, 0.0, 1.0, o.dtype);
+    c.tensors["inputs." + name] = o.dyadic ? dyadic_tensor(shape, o, "inputs." + name, 0.0, o.dtype)
+                                           : normal_tensor(shape, o.seed, "inputs." + name, 0.0, 1.0, o.dtype);
   };
   const std::string& comp = o.component;
   if (comp == "rotary_pos_emb") {
@@ -124,16 +148,19 @@ void add_inputs(Case& c, const MakeCaseOptions& o) {
   }
 }
 
-void add_output_grads(Case& c, const ReferenceResult& forward, DType dtype) {
+void add_output_grads(Case& c, const ReferenceResult& forward, const MakeCaseOptions& o) {
+  const DType dtype = o.dtype;
+  auto draw = [&](const Shape& shape, const std::string& name) {
+    return o.dyadic ? dyadic_tensor(shape, o, name, 0.0, dtype) : normal_tensor(shape, *c.seed, name, 0.0, 1.0, dtype);
+  };
   for (const std::string name : {"output", "output_bias"}) {
     auto it = forward.tensors.find("outputs." + name);
     if (it == forward.tensors.end()) continue;
-    c.tensors["inputs.grad_" + name] =
-        normal_tensor(it->second.shape(), *c.seed, "inputs.grad_" + name, 0.0, 1.0, dtype);
+    c.tensors["inputs.grad_" + name] = draw(it->second.shape(), "inputs.grad_" + name);
   }
   if (c.component == "moe_router") {  // the router's main result is router_scores
     const Tensor& scores = forward.tensors.at("outputs.router_scores");
-    c.tensors["inputs.grad_output"] = normal_tensor(scores.shape(), *c.seed, "inputs.grad_output", 0.0, 1.0, dtype);
+    c.tensors["inputs.grad_output"] = draw(scores.shape(), "inputs.grad_output");
   }
 }
 
@@ -157,6 +184,10 @@ Case make_case(const MakeCaseOptions& requested) {
     throw Error(fmt::format("weights '{}' is not random or megatron", o.weights));
   }
   if (o.dtype != DType::F64 && o.dtype != DType::F32) throw Error("case make stores F64 or F32 tensors");
+  if (o.dyadic && (o.dyadic_range < 1 || o.dyadic_range > 64 || o.dyadic_shift < 0 || o.dyadic_shift > 8)) {
+    throw Error(fmt::format("dyadic_range {} must be in [1, 64] and dyadic_shift {} in [0, 8]", o.dyadic_range,
+                            o.dyadic_shift));
+  }
   Case c;
   c.component = o.component;
   c.config = o.config;
@@ -170,7 +201,9 @@ Case make_case(const MakeCaseOptions& requested) {
   c.attn_mask_type_given = true;
   c.training = o.training;
   c.seed = o.seed;
-  c.producer = fmt::format("paritron reference, float64 (weights: {})", o.weights);
+  c.producer = o.dyadic ? fmt::format("paritron reference, float64 (weights: dyadic i * 2^-{}, |i| <= {})",
+                                      o.dyadic_shift, o.dyadic_range)
+                        : fmt::format("paritron reference, float64 (weights: {})", o.weights);
   add_weights(c, o);
   add_inputs(c, o);
   // Forward first: the output shapes give the shapes of the grad_* inputs;
@@ -179,7 +212,7 @@ Case make_case(const MakeCaseOptions& requested) {
   run.backward = false;
   ReferenceResult result = run_reference(c, run);
   if (o.backward) {
-    add_output_grads(c, result, o.dtype);
+    add_output_grads(c, result, o);
     run.backward = true;
     result = run_reference(c, run);
   }

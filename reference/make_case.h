@@ -38,6 +38,19 @@ struct MakeCaseOptions {
   std::string weights = "random";
   DType dtype = DType::F64;         // dtype the tensors are stored in
   int64_t layer_number = 1;
+  // Exact mode (parity/exact.h): every weight, input and grad_output (the
+  // rotary angle table excepted: it is RotaryEmbedding's, not drawn) is a
+  // small dyadic value i * 2^-dyadic_shift with i uniform in
+  // [-dyadic_range, dyadic_range]; norm weights are centre + i * 2^-dyadic_shift
+  // (centre 1, or 0 with zero-centered gamma), the padding-mask lengths as
+  // usual. Products of two such values are multiples of 2^-2*shift, so a GEMM
+  // of reduction length n and its bias stay exact in fp32 while
+  // n * range^2 + range * 2^shift < 2^24 (parity/exact.cpp computes the bound
+  // of every tensor of an MLP forward and backward). Overrides `weights`.
+  // The outputs are still the float64 reference's.
+  bool dyadic = false;
+  int64_t dyadic_range = 2;         // |i| <= range, range in [1, 64]
+  int64_t dyadic_shift = 2;         // values are i * 2^-shift, shift in [0, 8]
 };
 
 // Throws ConfigError / Error with a clear message for a config the component

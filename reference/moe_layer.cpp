@@ -208,6 +208,12 @@ MoeLayerForward moe_layer_forward(const TransformerConfig& cfg, const Params& w,
     rt.put("tokens_per_expert", counts);
     if (r.aux_loss) rt.put("aux_loss", Mat::Constant(1, 1, *r.aux_loss));
     if (r.z_loss) rt.put("z_loss", Mat::Constant(1, 1, *r.z_loss));
+    // How close each token's expert choice is to a tie (the parity harness's
+    // near-tie handling, parity/near_ties.h).
+    rt.put("topk_margin", r.topk_margin);
+    rt.put("order_margin", r.order_margin);
+    rt.put("capacity_margin", r.capacity_margin);
+    rt.put("selection", r.selection_values);
     Eigen::Index rows = 0;
     for (const auto& ex : f.experts) rows += ex.input.rows();
     Mat input(rows, h), output(rows, h);
@@ -220,6 +226,17 @@ MoeLayerForward moe_layer_forward(const TransformerConfig& cfg, const Params& w,
     }
     taps.sub("experts").put("input", input);
     taps.sub("experts").put("output", output);
+    // Every expert's pre-activations, rows in expert order (the parity
+    // harness's kink near-ties).
+    Eigen::Index fc1_cols = 0;
+    for (const auto& ex : f.experts) fc1_cols = std::max(fc1_cols, ex.mlp.fc1_output.cols());
+    Mat fc1 = Mat::Zero(rows, fc1_cols);
+    at = 0;
+    for (const auto& ex : f.experts) {
+      if (ex.mlp.fc1_output.rows() > 0) fc1.middleRows(at, ex.input.rows()) = ex.mlp.fc1_output;
+      at += ex.input.rows();
+    }
+    taps.sub("experts").put("linear_fc1", fc1);
   }
   return f;
 }

@@ -389,6 +389,7 @@ RouterForward moe_router_forward(const TransformerConfig& cfg, const Params& w, 
   }
   f.kept = Mat::Ones(T, k);
   f.routing_map = map;
+  f.capacity_margin = Mat::Constant(1, E, std::numeric_limits<double>::infinity());
   if (cfg.moe_expert_capacity_factor) {
     const double capacity_d =
         std::ceil(static_cast<double>(T * k) / static_cast<double>(E) * *cfg.moe_expert_capacity_factor);
@@ -402,6 +403,12 @@ RouterForward moe_router_forward(const TransformerConfig& cfg, const Params& w, 
         for (int64_t t = 0; t < T; ++t) column[static_cast<size_t>(t)] = by_probs ? routing(t, e) : map(t, e);
         const std::vector<int64_t> chosen = topk_indices(column.data(), T, capacity);
         for (int64_t t : chosen) capacity_mask(t, e) = 1.0;
+        if (by_probs && capacity < T) {
+          std::vector<double> sorted = column;
+          std::sort(sorted.begin(), sorted.end(), std::greater<>());
+          const double last_kept = sorted[static_cast<size_t>(capacity - 1)];
+          if (last_kept > 0) f.capacity_margin(0, e) = last_kept - sorted[static_cast<size_t>(capacity)];
+        }
       }
     }
     f.routing_map = cfg.moe_pad_expert_input_to_capacity ? capacity_mask : map.cwiseProduct(capacity_mask);

@@ -122,6 +122,9 @@ struct RouterForward {
                                  // near 0 means another implementation may pick another expert set
   Mat order_margin;              // [T, 1] smallest gap between consecutive top-k values (+inf if k = 1):
                                  // near 0 means the order within the top-k may differ
+  Mat capacity_margin;           // [1, E] drop policy "probs" with a capacity below T: the last kept
+                                 // token's score minus the first dropped one's (+inf otherwise):
+                                 // near 0 means another implementation may keep another token
   // For the backward:
   Mat activation;                // [T, E] fp32 softmax or sigmoid of routing_logits the scores came
                                  // from (pre-softmax, sigmoid, sinkhorn); empty otherwise

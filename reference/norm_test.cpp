@@ -159,11 +159,14 @@ TEST(Norms, EmulatedPrecision) {
     const Mat bf16 = norm_forward(cfg, w, x, emulated_precision(DType::BF16, cfg)).output;
     const Mat f32 = norm_forward(cfg, w, x, emulated_precision(DType::F32, cfg)).output;
     EXPECT_GT((truth - bf16).cwiseAbs().maxCoeff(), 0.0) << normalization;
-    EXPECT_EQ(bf16, rounded(truth, DType::BF16)) << normalization;
+    // The kernels compute in fp32 and round once to the dtype: within half an
+    // ulp of the dtype plus a few fp32 ulps of the row's scale.
+    const double scale = truth.cwiseAbs().maxCoeff();
+    EXPECT_GT((truth - f32).cwiseAbs().maxCoeff(), 0.0) << normalization;
     for (Eigen::Index i = 0; i < truth.size(); ++i) {
       const double t = truth.data()[i];
-      EXPECT_LE(std::abs(bf16.data()[i] - t), std::ldexp(std::abs(t), -8)) << normalization;
-      EXPECT_LE(std::abs(f32.data()[i] - t), std::ldexp(std::abs(t), -24)) << normalization;
+      EXPECT_LE(std::abs(bf16.data()[i] - t), std::ldexp(std::abs(t), -8) + std::ldexp(scale, -20)) << normalization;
+      EXPECT_LE(std::abs(f32.data()[i] - t), std::ldexp(scale, -20)) << normalization;
     }
     // The backward is rounded too.
     const Mat dy = rounded(random_normal(8, 32, 5, "dy"), DType::BF16);
@@ -172,8 +175,47 @@ TEST(Norms, EmulatedPrecision) {
                                       Sink(g_truth).sub("n"), truth_precision());
     const Precision pb = emulated_precision(DType::BF16, cfg);
     const Mat dx_bf16 = norm_backward(cfg, w, x, norm_forward(cfg, w, x, pb), dy, Sink(g_bf16).sub("n"), pb);
-    EXPECT_EQ(dx_bf16, rounded(dx_truth, DType::BF16)) << normalization;
-    EXPECT_EQ(g_bf16.at("n.weight"), rounded(g_truth.at("n.weight"), DType::BF16)) << normalization;
+    EXPECT_EQ(dx_bf16, rounded(dx_bf16, DType::BF16)) << normalization;
+    const double dx_scale = dx_truth.cwiseAbs().maxCoeff();
+    for (Eigen::Index i = 0; i < dx_truth.size(); ++i) {
+      const double t = dx_truth.data()[i];
+      EXPECT_LE(std::abs(dx_bf16.data()[i] - t), std::ldexp(std::abs(t), -8) + std::ldexp(dx_scale, -18))
+          << normalization;
+    }
+    EXPECT_EQ(g_bf16.at("n.weight"), rounded(g_bf16.at("n.weight"), DType::BF16)) << normalization;
+  }
+}
+
+// The emulation computes inside the norm in fp32, as the Apex and TE kernels
+// do, so it sees what fp32 rounding does where the norm is ill-conditioned:
+// over h = 2 features almost equal, x - mean cancels, and the backward's
+// g - mean(g) - xhat mean(g xhat) cancels. There the fp32 emulation's error
+// is far above rounding the float64 result once (which the harness's
+// tolerance would otherwise take as the budget; parity/tolerance.h).
+TEST(Norms, EmulatedFp32SeesCancellation) {
+  for (const char* name : {"LayerNorm", "RMSNorm"}) {
+    const std::string normalization = name;
+    const TransformerConfig cfg = config(normalization, 1e-6);
+    MatMap map{{"n.weight", Mat::Constant(1, normalization == "RMSNorm" ? 1 : 2, 0.75)},
+               {"n.bias", Mat::Constant(1, 2, 0.125)}};
+    const int64_t h = normalization == "RMSNorm" ? 1 : 2;
+    Mat x(4, h);
+    if (h == 1) {
+      x << 0.3, -0.7, 1.1, 0.05;
+    } else {
+      x << 0.3, 0.3001, -0.7, -0.70003, 1.1, 1.1002, 0.05, 0.0501;
+    }
+    x = rounded(x, DType::F32);
+    const Mat dy = rounded(Mat::Constant(4, h, 0.37) + Mat::Identity(4, h) * 0.2, DType::F32);
+    const Params w = Params(map).sub("n");
+    MatMap gt, g32;
+    const Precision p32 = emulated_precision(DType::F32, cfg);
+    const Mat dx_truth = norm_backward(cfg, w, x, norm_forward(cfg, w, x, truth_precision()), dy, Sink(gt).sub("n"),
+                                      truth_precision());
+    const Mat dx_f32 = norm_backward(cfg, w, x, norm_forward(cfg, w, x, p32), dy, Sink(g32).sub("n"), p32);
+    const Mat once = rounded(dx_truth, DType::F32);
+    EXPECT_GT((dx_f32 - dx_truth).cwiseAbs().maxCoeff(), 8 * (once - dx_truth).cwiseAbs().maxCoeff())
+        << normalization;
   }
 }
 

@@ -26,10 +26,12 @@ NormForward rmsnorm_forward(const TransformerConfig& cfg, const Params& w, const
   fwd.output.resize(x.rows(), h);
   fwd.normalized.resize(x.rows(), h);
   fwd.rstd.resize(x.rows());
+  const DType c = norm_compute_dtype(p);
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const double rstd = 1.0 / std::sqrt(x.row(t).squaredNorm() / static_cast<double>(h) + eps);
+    const double ms = round_to(x.row(t).squaredNorm() / static_cast<double>(h), c);
+    const double rstd = round_to(1.0 / std::sqrt(round_to(ms + eps, c)), c);
     fwd.rstd[t] = rstd;
-    fwd.normalized.row(t) = x.row(t) * rstd;
+    fwd.normalized.row(t) = rounded(x.row(t) * rstd, c);
     fwd.output.row(t) = fwd.normalized.row(t).array() * gamma.array();
   }
   round_inplace(fwd.output, p.dtype);
@@ -51,10 +53,13 @@ Mat rmsnorm_backward(const TransformerConfig& cfg, const Params& w, const Mat& x
   const RowVec gamma = norm_effective_gamma(cfg, w.row("weight", h), p, NormKernel::kTransformerEngine);
 
   Mat dx(x.rows(), h);
+  const DType c = norm_compute_dtype(p);
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const Eigen::ArrayXd g = (dy.row(t).array() * gamma.array()).transpose();
+    const Eigen::ArrayXd g = rounded((dy.row(t).array() * gamma.array()).transpose(), c).array();
     const Eigen::ArrayXd xhat = fwd.normalized.row(t).transpose().array();
-    dx.row(t) = (fwd.rstd[t] * (g - xhat * (g * xhat).mean())).transpose();
+    const double mean_gx = round_to((g * xhat).mean(), c);
+    const Mat centred = rounded(g - rounded(xhat * mean_gx, c).array(), c);
+    dx.row(t) = (fwd.rstd[t] * centred.array()).transpose();
   }
   round_inplace(dx, p.dtype);
   grads.add("weight", rounded(dy.cwiseProduct(fwd.normalized).colwise().sum(), p.dtype));

@@ -265,6 +265,7 @@ void run_mlp(CaseRun& run) {
   const auto& cfg = run.config();
   const Shape shape{s, b, cfg.hidden_size};
   const MlpForward f = mlp_forward(cfg, run.weights(), x, run.precision());
+  run.taps().put("linear_fc1", f.fc1_output);  // pre-activations (the parity harness's kink near-ties)
   run.output("output", f.output, shape);
   if (f.output_bias) run.output("output_bias", *f.output_bias, {cfg.hidden_size});
   if (!run.backward()) return;
@@ -377,6 +378,14 @@ void run_moe_router(CaseRun& run) {
   const Mat x = run.hidden("hidden_states", &s, &b);
   const RouterForward f = moe_router_forward(cfg, run.weights(), x, run.precision(), run.context());
   router_outputs(run, f);
+  // The router's logits and decision margins as taps, as moe_layer records
+  // them (the parity harness's near-tie handling reads them).
+  const Sink rt = run.taps().sub("router");
+  rt.put("logits", f.logits);
+  rt.put("topk_margin", f.topk_margin);
+  rt.put("order_margin", f.order_margin);
+  rt.put("capacity_margin", f.capacity_margin);
+  rt.put("selection", f.selection_values);
   if (!run.backward()) return;
   const Mat d_scores = run.output_grad("grad_output", {f.scores.rows(), f.scores.cols()});
   const Mat dx = moe_router_backward(cfg, run.weights(), x, f, d_scores, run.grads(), run.precision());

@@ -109,6 +109,7 @@ TransformerLayerForward transformer_layer_forward(const TransformerConfig& cfg, 
       out_bias = f.moe->output_bias;
     } else {
       f.mlp = mlp_forward(cfg, w.sub("mlp"), m, p);
+      taps.put("mlp.linear_fc1", f.mlp->fc1_output);  // pre-activations (the parity harness's kink near-ties)
       out = f.mlp->output;
       out_bias = as_bias(f.mlp->output_bias);
     }

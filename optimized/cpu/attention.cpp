@@ -32,6 +32,7 @@
 #include "common/error.h"
 #include "common/math/float_format.h"
 #include "common/math/random.h"
+#include "optimized/faults.h"
 
 namespace paritron::opt::cpu {
 namespace {
@@ -132,6 +133,9 @@ inline float hsum8(__m256 v) {
 
 // x rounded to the probabilities' dtype (Megatron casts the softmax output).
 inline float round_probs(float x, DType dt) {
+  if (dt == DType::BF16 && faults::active(faults::Fault::bf16_truncation)) {  // fault: truncation, not RNE
+    return math::float_from_bits(math::bits_of(x) & 0xFFFF0000u);
+  }
   if (dt == DType::BF16) return math::bf16_bits_to_float(math::float_to_bf16_bits(x));
   if (dt == DType::F16) return static_cast<float>(math::round_to(x, math::kFloat16));
   return x;

@@ -21,6 +21,7 @@
 #include "common/math/fp8.h"
 #include "common/math/random.h"
 #include "optimized/cpu/attention.h"
+#include "optimized/faults.h"
 #include "optimized/math/activations.h"
 #include "optimized/math/norm.h"
 #include "optimized/math/rope.h"
@@ -29,6 +30,15 @@
 namespace paritron::opt::cpu {
 
 namespace {
+
+using faults::Fault;
+
+// Fault bf16_truncation: x cut to bfloat16 by dropping the low 16 bits (NaN kept).
+inline float truncate_to_bf16(float x) {
+  const uint32_t u = math::bits_of(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return x;
+  return math::float_from_bits(u & 0xFFFF0000u);
+}
 
 // ---------------------------------------------------------------------------
 // Errors and checks.
@@ -118,6 +128,9 @@ Rounding rounding_of(const DTensor& t) {
 // Rounding of a value to a dtype, computed in double (single rounding).
 double round_double(double v, DType dtype) {
   if (dtype == DType::F64) return v;
+  if (dtype == DType::BF16 && faults::active(Fault::bf16_truncation)) {
+    return truncate_to_bf16(static_cast<float>(v));
+  }
   const math::FloatFormat* f = float_format(dtype);
   if (f == nullptr) throw Error(fmt::format("{} is not a floating dtype", dtype_name(dtype)));
   return math::round_to(v, *f);
@@ -127,7 +140,9 @@ inline float round_one(float v, Rounding r) {
   switch (r.mode) {
     case RMode::kNone:
     case RMode::kToF32: return v;
-    case RMode::kBF16: return math::round_float_to_bf16(v);
+    case RMode::kBF16:
+      if (faults::active(Fault::bf16_truncation)) return truncate_to_bf16(v);
+      return math::round_float_to_bf16(v);
     case RMode::kF16: return math::round_float_to_fp16(v);
     case RMode::kGeneric: return static_cast<float>(math::round_to(static_cast<double>(v), *r.format));
   }
@@ -137,7 +152,9 @@ inline double round_one(double v, Rounding r) {
   switch (r.mode) {
     case RMode::kNone: return v;
     case RMode::kToF32: return static_cast<double>(static_cast<float>(v));
-    case RMode::kBF16: return math::round_to(v, math::kBFloat16);
+    case RMode::kBF16:
+      if (faults::active(Fault::bf16_truncation)) return truncate_to_bf16(static_cast<float>(v));
+      return math::round_to(v, math::kBFloat16);
     case RMode::kF16: return math::round_to(v, math::kFloat16);
     case RMode::kGeneric: return math::round_to(v, *r.format);
   }
@@ -150,6 +167,10 @@ void round_span(float* p, int64_t n, Rounding r) {
     case RMode::kNone:
     case RMode::kToF32: return;
     case RMode::kBF16: {
+      if (faults::active(Fault::bf16_truncation)) {
+        for (; i < n; ++i) p[i] = truncate_to_bf16(p[i]);
+        return;
+      }
 #if defined(__AVX2__)
       const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
       const __m256i inf = _mm256_set1_epi32(0x7F800000);
@@ -653,6 +674,7 @@ namespace {
 template <class T> std::vector<T> effective_gamma(const NormArgs& args, const DTensor& gamma) {
   std::vector<T> g = read_vec<T>(gamma);
   if (!args.zero_centered_gamma) return g;
+  if (faults::active(Fault::zero_centered_gamma_missing_plus1)) return g;  // w, not 1 + w
   for (T& w : g) {
     const double plus = static_cast<double>(w) + 1.0;
     if (args.te_kernel) {
@@ -835,10 +857,12 @@ void CpuBackend::rope(const RopeArgs& args, const DTensor& x, const DTensor& fre
     fail(op, fmt::format("freqs {} is not [{}, {}] ([s, rot_dim] for x {})", freqs.describe(), s, args.rot_dim,
                          x.describe()));
   }
+  RopeArgs a = args;
+  if (faults::active(Fault::rope_interleave_swapped)) a.interleaved = !a.interleaved;
   if (x.storage_dtype() == DType::F32) {
-    rope_impl<float>(args, x, freqs, y, backward, s);
+    rope_impl<float>(a, x, freqs, y, backward, s);
   } else {
-    rope_impl<double>(args, x, freqs, y, backward, s);
+    rope_impl<double>(a, x, freqs, y, backward, s);
   }
 }
 
@@ -941,14 +965,32 @@ template <class T, class F> void dispatch_act(ActivationKind kind, F&& f) {
   throw Error("bias_act: unknown activation kind");
 }
 
+// Fault glu_halves_swapped: rows [a | g] of width 2f as [g | a].
+template <class T>
+std::vector<T> swap_glu_halves(const T* x, int64_t rows, int64_t f) {
+  std::vector<T> out(static_cast<size_t>(rows * 2 * f));
+  for (int64_t t = 0; t < rows; ++t) {
+    std::copy_n(x + t * 2 * f, f, out.data() + t * 2 * f + f);
+    std::copy_n(x + t * 2 * f + f, f, out.data() + t * 2 * f);
+  }
+  return out;
+}
+
 template <class T>
 void bias_act_forward_impl(const ActivationArgs& args, const DTensor& x, const DTensor* bias, DTensor& y, int64_t f) {
   std::vector<T> bv;
   if (bias != nullptr) bv = read_vec<T>(*bias);
+  const T* xp = cptr<T>(x);
+  std::vector<T> xs;
+  if (args.glu && faults::active(Fault::glu_halves_swapped)) {
+    xs = swap_glu_halves(xp, x.rows(), f);
+    xp = xs.data();
+    if (bias != nullptr) bv = swap_glu_halves(bv.data(), 1, f);
+  }
   const T* bp = bias ? bv.data() : nullptr;
   const Rounding r = rounding_of(y);
   dispatch_act<T>(args.kind, [&](auto k) {
-    act_forward_rows<decltype(k)::value, T>(cptr<T>(x), bp, ptr<T>(y), x.rows(), f, args.glu, r,
+    act_forward_rows<decltype(k)::value, T>(xp, bp, ptr<T>(y), x.rows(), f, args.glu, r,
                                             args.fused ? Rounding{} : r);
   });
 }
@@ -958,12 +1000,24 @@ void bias_act_backward_impl(const ActivationArgs& args, const DTensor& x, const 
                             DTensor& dx, int64_t f) {
   std::vector<T> bv;
   if (bias != nullptr) bv = read_vec<T>(*bias);
+  const T* xp = cptr<T>(x);
+  std::vector<T> xs;
+  const bool swap = args.glu && faults::active(Fault::glu_halves_swapped);
+  if (swap) {
+    xs = swap_glu_halves(xp, x.rows(), f);
+    xp = xs.data();
+    if (bias != nullptr) bv = swap_glu_halves(bv.data(), 1, f);
+  }
   const T* bp = bias ? bv.data() : nullptr;
   const Rounding r = rounding_of(dx);
   dispatch_act<T>(args.kind, [&](auto k) {
-    act_backward_rows<decltype(k)::value, T>(cptr<T>(x), bp, cptr<T>(dy), ptr<T>(dx), x.rows(), f, args.glu, r,
+    act_backward_rows<decltype(k)::value, T>(xp, bp, cptr<T>(dy), ptr<T>(dx), x.rows(), f, args.glu, r,
                                              args.fused ? Rounding{} : r);
   });
+  if (swap) {  // the gradient back in fc1's [a | g] order
+    const std::vector<T> d = swap_glu_halves(cptr<T>(dx), x.rows(), f);
+    std::copy(d.begin(), d.end(), ptr<T>(dx));
+  }
 }
 
 // Checks x [T, f or 2f] and bias; returns f.

@@ -6,9 +6,12 @@
 #include <fmt/format.h>
 
 #include "common/error.h"
+#include "optimized/faults.h"
 
 namespace paritron::opt {
 namespace {
+
+using faults::Fault;
 
 struct Heads {
   int64_t np, ng, hn, r;  // global heads, groups, head dim, heads per group
@@ -37,6 +40,7 @@ void set_mask(ModelContext& m, const CoreAttentionCall& call, int64_t np, Attent
     }
     a.window = *m.cfg.window_size;
     if (call.mask_type == "causal") a.window[1] = 0;  // TE: a causal window is (left, 0)
+    if (call.mask_type == "causal" && faults::active(Fault::causal_mask_off_by_one)) a.window[1] = 1;
     return;
   }
   if (call.mask) {
@@ -64,6 +68,10 @@ void set_mask(ModelContext& m, const CoreAttentionCall& call, int64_t np, Attent
                               sq, sk));
     }
     a.causal = true;
+    if (faults::active(Fault::causal_mask_off_by_one)) {  // masks k > q + 1 (triu diagonal 2)
+      a.causal = false;
+      a.window = {-1, 1};
+    }
   }
 }
 
@@ -76,6 +84,20 @@ std::string sub_path(const std::string& path, const std::string& module) {
 // gradients back when `merge`).
 void split_qkv(Backend& be, const Heads& h, int64_t ng_loc, DTensor& mixed, DTensor& q, DTensor& k, DTensor& v,
                bool merge) {
+  if (faults::active(Fault::qkv_split_per_group) && ng_loc > 1) {
+    // [q | k | v] over the whole local projection instead of per query group.
+    const int64_t nq = ng_loc * h.r * h.hn, nk = ng_loc * h.hn;
+    if (merge) {
+      be.copy_cols(q, 0, mixed, 0, nq);
+      be.copy_cols(k, 0, mixed, nq, nk);
+      be.copy_cols(v, 0, mixed, nq + nk, nk);
+    } else {
+      be.copy_cols(mixed, 0, q, 0, nq);
+      be.copy_cols(mixed, nq, k, 0, nk);
+      be.copy_cols(mixed, nq + nk, v, 0, nk);
+    }
+    return;
+  }
   const int64_t width = (h.r + 2) * h.hn;
   for (int64_t g = 0; g < ng_loc; ++g) {
     const int64_t base = g * width;
@@ -95,6 +117,26 @@ DTensor gather_context_parallel(ModelContext& m, const DTensor& x) {
   if (m.ps.pc.context_parallel_size == 1) return x;
   DTensor out = m.be.empty(x.dtype(), {x.rows() * m.ps.cp.size(), x.cols()});
   m.comm.all_gather(x, out, m.ps.cp);
+  return out;
+}
+
+// Fault gqa_tiling: K/V [rows, ng*hn] expanded to [rows, r*ng*hn] by tiling
+// (torch .repeat, head j gets group j % ng) instead of repeat_interleave; and
+// the gradient of the expansion (the r tiles summed).
+DTensor tile_heads(ModelContext& m, const DTensor& x, int64_t r) {
+  DTensor out = m.be.empty(x.dtype(), {x.rows(), r * x.cols()});
+  for (int64_t t = 0; t < r; ++t) m.be.copy_cols(x, 0, out, t * x.cols(), x.cols());
+  return out;
+}
+
+DTensor untile_heads_grad(ModelContext& m, const DTensor& dx, int64_t cols) {
+  DTensor out = m.be.empty(dx.dtype(), {dx.rows(), cols});
+  m.be.copy_cols(dx, 0, out, 0, cols);
+  DTensor part = m.be.empty(dx.dtype(), {dx.rows(), cols});
+  for (int64_t t = 1; t < dx.cols() / cols; ++t) {
+    m.be.copy_cols(dx, t * cols, part, 0, cols);
+    m.be.axpby(1.0f, out, 1.0f, part, out);
+  }
   return out;
 }
 
@@ -126,6 +168,7 @@ double effective_softmax_scale(const TransformerConfig& cfg, int64_t layer_numbe
   // DotProductAttention: alpha = softmax_scale / coeff, or 1 / (sqrt(hn) * coeff);
   // FusedScaleMaskSoftmax multiplies the scores by coeff again.
   const double alpha = cfg.softmax_scale ? *cfg.softmax_scale / coeff : 1.0 / (std::sqrt(static_cast<double>(h.hn)) * coeff);
+  if (faults::active(Fault::softmax_scale_no_layer_number)) return alpha;  // the softmax's scale = coeff dropped
   return alpha * coeff;
 }
 
@@ -148,7 +191,14 @@ DTensor core_attention_forward(ModelContext& m, const CoreAttentionCall& call, c
   if (call.gather_kv) {
     // Every CP rank's keys and values, with their positions.
     for (int64_t r = 0; r < m.ps.cp.size(); ++r) {
-      const auto pos = context_parallel_positions(call.sk_global, m.ps.pc.context_parallel_size, r);
+      auto pos = context_parallel_positions(call.sk_global, m.ps.pc.context_parallel_size, r);
+      if (faults::active(Fault::cp_chunk_order)) {  // rank r's chunks taken as r and r + cp
+        const int64_t cp = m.ps.pc.context_parallel_size, chunk = call.sk_global / (2 * cp);
+        pos.clear();
+        for (int64_t c : {r, r + cp}) {
+          for (int64_t i = 0; i < chunk; ++i) pos.push_back(c * chunk + i);
+        }
+      }
       saved.k_pos.insert(saved.k_pos.end(), pos.begin(), pos.end());
     }
   } else {
@@ -166,9 +216,15 @@ DTensor core_attention_forward(ModelContext& m, const CoreAttentionCall& call, c
   a.sk = static_cast<int64_t>(saved.k_pos.size());
   a.heads = np_loc;
   a.groups = ng_loc;
+  if (faults::active(Fault::gqa_tiling) && np_loc > ng_loc) {
+    saved.k = tile_heads(m, saved.k, np_loc / ng_loc);
+    saved.v = tile_heads(m, saved.v, np_loc / ng_loc);
+    a.groups = np_loc;
+  }
   a.head_dim = h.hn;
   a.softmax_scale = static_cast<float>(effective_softmax_scale(m.cfg, call.layer_number));
   set_mask(m, call, h.np, saved);
+  if (faults::active(Fault::masked_fill_zero)) a.fill = 0.0f;
   a.q_positions = saved.q_pos;
   a.k_positions = saved.k_pos;
   if (m.training && m.cfg.attention_dropout > 0) {
@@ -186,15 +242,34 @@ DTensor core_attention_forward(ModelContext& m, const CoreAttentionCall& call, c
   saved.context = m.empty({q.rows(), np_loc * h.hn});
   saved.lse = m.empty_f32({b, np_loc, sq_loc});
   m.be.attention_forward(a, saved.q, saved.k, saved.v, saved.context, saved.lse);
-  return saved.context;
+  const DTensor context = saved.context;
+  saved.recompute = m.cfg.recompute_granularity == "selective";
+  if (saved.recompute) {  // keep q, k, v only; the backward recomputes context and lse
+    saved.context = DTensor{};
+    saved.lse = DTensor{};
+  }
+  return context;
 }
 
 DTensor core_attention_backward(ModelContext& m, const DTensor& d_context, AttentionSaved& saved, DTensor& dk,
                                 DTensor& dv) {
+  if (saved.recompute) {  // selective recompute: core attention's forward again, just before its backward
+    saved.context = m.empty({saved.q.rows(), saved.q.cols()});
+    saved.lse = m.empty_f32({saved.args.batch, saved.args.heads, saved.args.sq});
+    m.be.attention_forward(saved.args, saved.q, saved.k, saved.v, saved.context, saved.lse);
+    saved.recompute = false;
+  }
   DTensor dq = m.empty({saved.q.rows(), saved.q.cols()});
   DTensor dk_all = m.empty({saved.k.rows(), saved.k.cols()}), dv_all = m.empty({saved.v.rows(), saved.v.cols()});
   m.be.attention_backward(saved.args, saved.q, saved.k, saved.v, saved.context, saved.lse, d_context, dq, dk_all,
                           dv_all);
+  if (faults::active(Fault::gqa_tiling) && saved.args.groups == saved.args.heads) {
+    const int64_t hn = saved.args.head_dim, ng_loc = heads_of(m.cfg).ng / m.tp();
+    if (ng_loc < saved.args.heads) {
+      dk_all = untile_heads_grad(m, dk_all, ng_loc * hn);
+      dv_all = untile_heads_grad(m, dv_all, ng_loc * hn);
+    }
+  }
   dk = saved.gather_kv ? reduce_scatter_context_parallel(m, dk_all) : dk_all;
   dv = saved.gather_kv ? reduce_scatter_context_parallel(m, dv_all) : dv_all;
   return dq;

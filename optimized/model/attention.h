@@ -31,6 +31,10 @@ struct AttentionSaved {
   std::vector<int64_t> q_pos, k_pos;
   std::vector<uint8_t> mask;
   bool gather_kv = false;  // k, v were all-gathered over CP (dk, dv reduce-scatter back)
+  // recompute_granularity "selective" (Megatron's checkpoint_core_attention):
+  // the forward drops context and lse, and the backward re-runs the attention
+  // forward from q, k, v (same dropout draws) before its backward.
+  bool recompute = false;
 };
 
 // Core attention (DotProductAttention: softmax(scale * q k^T + mask) v, with

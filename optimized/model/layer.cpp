@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "common/error.h"
 
 namespace paritron::opt {
@@ -182,13 +184,48 @@ DTensor transformer_layer_backward(ModelContext& m, const std::string& prefix, c
                             });
 }
 
+std::vector<RecomputeUnit> recompute_units(const TransformerConfig& cfg, size_t num_layers) {
+  std::vector<RecomputeUnit> units;
+  const bool full = cfg.recompute_granularity == "full" && cfg.recompute_num_layers.value_or(0) > 0;
+  const size_t n = full ? static_cast<size_t>(*cfg.recompute_num_layers) : 0;
+  const std::string method = cfg.recompute_method.value_or("");
+  if (full && method == "uniform") {
+    for (size_t l = 0; l < num_layers; l += n) units.push_back({l, std::min(l + n, num_layers), true});
+    return units;
+  }
+  for (size_t l = 0; l < num_layers; ++l) units.push_back({l, l + 1, full && method == "block" && l < n});
+  return units;
+}
+
+namespace {
+
+// The forward of one recompute unit's layers, from its input.
+DTensor unit_forward(ModelContext& m, const StagePlan& plan, const RecomputeUnit& u, const DTensor& x,
+                     const TokenLayout& tokens, const LayerArgs& args, StageSaved& saved) {
+  DTensor hidden = x;
+  for (size_t i = u.begin; i < u.end; ++i) {
+    const int64_t l = plan.layers[i];
+    hidden = transformer_layer_forward(m, fmt::format("layers.{}.", l), l + 1, hidden, tokens, args, saved.layers[i]);
+  }
+  return hidden;
+}
+
+}  // namespace
+
 DTensor block_stage_forward(ModelContext& m, const StagePlan& plan, const DTensor& x, const TokenLayout& tokens,
                             const LayerArgs& args, StageSaved& saved) {
   saved.layers.assign(plan.layers.size(), LayerSaved{});
+  saved.units = recompute_units(m.cfg, plan.layers.size());
+  saved.unit_inputs.assign(saved.units.size(), DTensor{});
+  saved.args = &args;
   DTensor hidden = x;
-  for (size_t i = 0; i < plan.layers.size(); ++i) {
-    const int64_t l = plan.layers[i];
-    hidden = transformer_layer_forward(m, fmt::format("layers.{}.", l), l + 1, hidden, tokens, args, saved.layers[i]);
+  for (size_t u = 0; u < saved.units.size(); ++u) {
+    const RecomputeUnit& unit = saved.units[u];
+    if (unit.checkpointed) saved.unit_inputs[u] = hidden;
+    hidden = unit_forward(m, plan, unit, hidden, tokens, args, saved);
+    if (unit.checkpointed) {  // keep only the unit's input: drop its layers' activations
+      for (size_t i = unit.begin; i < unit.end; ++i) saved.layers[i] = LayerSaved{};
+    }
   }
   if (plan.final_norm) hidden = norm_forward(m, "final_layernorm.", hidden, /*te_kernel=*/true, saved.final_norm);
   return hidden;
@@ -198,8 +235,19 @@ DTensor block_stage_backward(ModelContext& m, const StagePlan& plan, const DTens
                              StageSaved& saved) {
   DTensor d = dy;
   if (plan.final_norm) d = norm_backward(m, "final_layernorm.", d, /*te_kernel=*/true, saved.final_norm);
-  for (size_t i = plan.layers.size(); i-- > 0;) {
-    d = transformer_layer_backward(m, fmt::format("layers.{}.", plan.layers[i]), d, tokens, saved.layers[i]);
+  if (saved.units.empty()) saved.units = recompute_units(m.cfg, plan.layers.size());  // no checkpointed unit then
+  for (size_t u = saved.units.size(); u-- > 0;) {
+    const RecomputeUnit& unit = saved.units[u];
+    if (unit.checkpointed) {  // re-run the unit's forward from its input, just before its backward
+      if (!saved.args || u >= saved.unit_inputs.size() || !saved.unit_inputs[u].defined()) {
+        throw Error("block_stage_backward: a checkpointed unit lacks its saved input (forward not run?)");
+      }
+      unit_forward(m, plan, unit, saved.unit_inputs[u], tokens, *saved.args, saved);
+      saved.unit_inputs[u] = DTensor{};
+    }
+    for (size_t i = unit.end; i-- > unit.begin;) {
+      d = transformer_layer_backward(m, fmt::format("layers.{}.", plan.layers[i]), d, tokens, saved.layers[i]);
+    }
   }
   saved = StageSaved{};
   return d;

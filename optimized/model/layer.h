@@ -57,9 +57,32 @@ struct StagePlan {
   std::vector<int64_t> layers;  // 0-based global layer indices
   bool final_norm = false;
 };
+// Activation recompute (Megatron's TransformerBlock._checkpointed_forward,
+// config recompute_granularity "full"): the stage's layers fall into units;
+// a checkpointed unit keeps only its input hidden states in the forward (its
+// layers' saved activations are dropped as soon as the unit has run) and
+// re-runs its forward from that input just before its backward. Units:
+//   "uniform": consecutive groups of recompute_num_layers layers of the chunk,
+//              every group checkpointed;
+//   "block":   each of the chunk's first recompute_num_layers layers
+//              checkpointed on its own, the rest not;
+//   otherwise (none, "selective"): no layer checkpointed.
+// The re-run draws the same dropout masks (counter-based, keyed by the
+// module's path and the tokens' global positions) and, with fp8, the same
+// amaxes, so recompute changes no number. "selective" recomputes core
+// attention instead (attention.cpp, AttentionSaved::recompute).
+struct RecomputeUnit {
+  size_t begin = 0, end = 0;  // indices into StagePlan::layers
+  bool checkpointed = false;
+};
+std::vector<RecomputeUnit> recompute_units(const TransformerConfig& cfg, size_t num_layers);
+
 struct StageSaved {
   std::vector<LayerSaved> layers;
   NormSaved final_norm;
+  std::vector<RecomputeUnit> units;
+  std::vector<DTensor> unit_inputs;  // per unit: its input when checkpointed, else undefined
+  const LayerArgs* args = nullptr;   // the forward's arguments, for re-running checkpointed units
 };
 DTensor block_stage_forward(ModelContext& m, const StagePlan& plan, const DTensor& x, const TokenLayout& tokens,
                             const LayerArgs& args, StageSaved& saved);

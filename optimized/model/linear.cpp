@@ -2,12 +2,22 @@
 
 #include "common/math/fp8.h"
 #include "optimized/comm/groups.h"
+#include "optimized/faults.h"
 
 namespace paritron::opt {
+
+using faults::Fault;
 
 DTensor gather_sequence(ModelContext& m, const DTensor& x) {
   if (m.tp() == 1 || !m.sequence_parallel()) return x;
   DTensor out = m.be.empty(x.dtype(), {x.rows() * m.tp(), x.cols()});
+  if (faults::active(Fault::missing_sp_allgather)) {  // no all-gather: the rank's own rows, repeated
+    for (int64_t r = 0; r < m.tp(); ++r) {
+      DTensor dst = out.slice0(r * x.rows(), x.rows());
+      m.be.copy(x.view({x.rows(), x.cols()}), dst);
+    }
+    return out;
+  }
   m.comm.all_gather(x.view({x.rows(), x.cols()}), out, m.ps.tp);
   return out;
 }
@@ -129,6 +139,15 @@ DTensor row_parallel_forward(ModelContext& m, const std::string& prefix, const D
   }
   DTensor partial = m.empty({x.rows(), w.value.size(0)});
   m.be.gemm(x_gemm, false, w_gemm, true, partial);
+  if (faults::active(Fault::missing_row_parallel_allreduce) && m.tp() > 1) {
+    // No reduction over TP (on every rank alike): each rank keeps its partial
+    // sum (under SP, its own rows of it).
+    if (!m.sequence_parallel()) return partial;
+    const int64_t n = partial.rows() / m.tp();
+    DTensor own = m.empty({n, partial.cols()});
+    m.be.copy(partial.slice0(m.ps.coord.tp * n, n), own);
+    return own;
+  }
   if (m.sequence_parallel()) return reduce_scatter_sequence(m, partial);
   all_reduce_tensor(m, partial);
   return partial;

@@ -25,9 +25,12 @@
 #include "common/math/float_format.h"
 #include "common/math/random.h"
 #include "common/module_params.h"
+#include "optimized/faults.h"
 #include "optimized/math/router.h"
 
 namespace paritron::opt {
+
+using faults::Fault;
 
 namespace {
 
@@ -317,7 +320,14 @@ void router_forward(ModelContext& m, const std::string& router, const std::strin
       math::topk_row(zr, E, k, idx);
       // scores = softmax(top_logits, dtype=float32).type_as(logits)
       for (int64_t j = 0; j < k; ++j) buf[static_cast<size_t>(j)] = zr[idx[j]];
-      math::softmax_row(buf.data(), buf.data(), k);
+      if (faults::active(Fault::softmax_before_topk)) {
+        // softmax over every expert first, then the top-k of the probabilities (not renormalised)
+        std::vector<double> all(static_cast<size_t>(E));
+        math::softmax_row(zr, all.data(), E);
+        for (int64_t j = 0; j < k; ++j) buf[static_cast<size_t>(j)] = all[static_cast<size_t>(idx[j])];
+      } else {
+        math::softmax_row(buf.data(), buf.data(), k);
+      }
       for (int64_t j = 0; j < k; ++j) {
         const double p = rnd(buf[static_cast<size_t>(j)], s.fp32);
         s.topk_softmax[static_cast<size_t>(t * k + j)] = p;
@@ -361,9 +371,11 @@ void router_losses(ModelContext& m, MoeSaved::State& s, MoeSaved& saved) {
       double col = 0;
       for (int64_t t = 0; t < T; ++t) col += s.aux_probs[static_cast<size_t>(t * E + e)];
       const double gates_mean = rnd(col / static_cast<double>(T), s.fp32);
+      // Fault aux_loss_normalisation: by the tokens, not tokens * topk.
+      const double norm_k = faults::active(Fault::aux_loss_normalisation) ? 1.0 : static_cast<double>(k);
       const double selection_mean =
           rnd(rnd(static_cast<double>(s.aux_counts[static_cast<size_t>(e)]) / static_cast<double>(T), s.fp32) /
-                  static_cast<double>(k),
+                  norm_k,
               s.fp32);
       sum += rnd(gates_mean * selection_mean, s.fp32);
     }
@@ -637,7 +649,8 @@ DTensor router_backward(ModelContext& m, const std::string& router, const MoeSav
     std::vector<double> gegrad(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) {
       gegrad[static_cast<size_t>(e)] =
-          math::aux_loss_prob_grad<double>(E, cfg.moe_aux_loss_coeff, s.aux_counts[static_cast<size_t>(e)], k, T);
+          math::aux_loss_prob_grad<double>(E, cfg.moe_aux_loss_coeff, s.aux_counts[static_cast<size_t>(e)],
+                                           faults::active(Fault::aux_loss_normalisation) ? 1 : k, T);
     }
     for (int64_t t = 0; t < T; ++t) {
       const double* p = &s.aux_probs[static_cast<size_t>(t * E)];
@@ -651,7 +664,7 @@ DTensor router_backward(ModelContext& m, const std::string& router, const MoeSav
   for (double& v : dz) v = rnd(v, s.routing);
   std::vector<double> dl(static_cast<size_t>(T * E));
   for (size_t i = 0; i < dl.size(); ++i) dl[i] = s.jitter.empty() ? dz[i] : rnd(dz[i] * s.jitter[i], s.router);
-  if (cfg.moe_z_loss_coeff) {
+  if (cfg.moe_z_loss_coeff && !faults::active(Fault::z_loss_missing)) {  // fault: the z-loss gradient never added
     std::vector<double> sm(static_cast<size_t>(E));
     for (int64_t t = 0; t < T; ++t) {
       const double* lr = &s.logits[static_cast<size_t>(t * E)];
@@ -759,12 +772,22 @@ DTensor moe_forward(ModelContext& m, const std::string& prefix, const std::strin
   DTensor out = m.be.zeros(s.act, {T, h});
   std::vector<std::vector<int64_t>> slot_rows(static_cast<size_t>(k)), slot_tokens(static_cast<size_t>(k));
   std::vector<std::vector<double>> slot_weights(static_cast<size_t>(k));
+  // Fault expert_permutation_order: the unpermute takes the expert-major rows
+  // to be in token-major (token, slot) order, i.e. does not invert the permute.
+  std::vector<size_t> pair_of(s.send_tokens.size());
+  std::iota(pair_of.begin(), pair_of.end(), size_t{0});
+  if (faults::active(Fault::expert_permutation_order)) {
+    std::stable_sort(pair_of.begin(), pair_of.end(), [&](size_t a, size_t b) {
+      return std::pair(s.send_tokens[a], s.send_slots[a]) < std::pair(s.send_tokens[b], s.send_slots[b]);
+    });
+  }
   for (size_t i = 0; i < s.send_tokens.size(); ++i) {
-    const int64_t j = s.send_slots[i];
+    const size_t p = pair_of[i];
+    const int64_t j = s.send_slots[p];
     if (j < 0) continue;  // capacity padding: weight 0
     slot_rows[static_cast<size_t>(j)].push_back(static_cast<int64_t>(i));
-    slot_tokens[static_cast<size_t>(j)].push_back(s.send_tokens[i]);
-    slot_weights[static_cast<size_t>(j)].push_back(combine_weight(s, s.send_tokens[i] * k + j));
+    slot_tokens[static_cast<size_t>(j)].push_back(s.send_tokens[p]);
+    slot_weights[static_cast<size_t>(j)].push_back(combine_weight(s, s.send_tokens[p] * k + j));
   }
   for (int64_t j = 0; j < k; ++j) {
     scatter_rows(m, s.y_back, slot_rows[static_cast<size_t>(j)], slot_tokens[static_cast<size_t>(j)],

@@ -9,6 +9,7 @@
 // failed, 2 on bad options.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -22,6 +23,8 @@
 #include "common/case_file.h"
 #include "common/error.h"
 #include "parity/cli/commands.h"
+#include "optimized/faults.h"
+#include "parity/shrink.h"
 #include "parity/sweep.h"
 
 namespace paritron::cli {
@@ -37,7 +40,38 @@ struct ParityOptions {
   parity::SweepFilterArgs filter;
   std::string json_file, junit_file, save_dir;
   bool quiet = false;
+  bool list_faults = false;
+  std::string decisions;      // --decisions LIST: run the case those generator decisions give (a shrunk case)
+  double shrink_time_s = 30;  // per failure; 0: no shrinking
 };
+
+// Shrinks a failing sweep case (parity/shrink.h): the smallest spec found
+// that still fails the same way (a tolerance failure stays one; an error
+// stays an error), and the one command that reruns it.
+void print_shrunk(const CaseResult& r, uint64_t seed, const parity::SpecFilter& filter, const ParityOptions& o) {
+  if (o.shrink_time_s <= 0) return;
+  const bool was_error = !r.error.empty();
+  parity::ShrinkBudget budget;
+  budget.max_seconds = o.shrink_time_s;
+  budget.max_calls = 1000;
+  const auto still_fails = [&](const parity::CaseSpec& spec) {
+    const CaseResult x = parity::run_spec_case(spec);
+    return !x.passed && x.error.empty() == !was_error;
+  };
+  const parity::ShrinkResult s = parity::shrink_drawn_case(
+      parity::attempt_seed(seed, r.index, static_cast<int>(r.resampled.size())), filter, still_fails, budget);
+  if (s.steps == 0) {
+    std::cout << fmt::format("  shrunk: no smaller failing case found ({} tries, {:.1f} s)\n", s.calls, s.seconds);
+    return;
+  }
+  std::cout << fmt::format("  shrunk ({} steps, {} tries, {:.1f} s{}): {}\n", s.steps, s.calls, s.seconds,
+                           s.budget_exhausted ? ", budget spent" : "", parity::describe(s.spec));
+  const CaseResult again = parity::run_spec_case(s.spec);
+  if (const auto* w = again.worst(); w && again.error.empty()) std::cout << "    " << w->summary() << "\n";
+  if (!again.error.empty()) std::cout << "    error: " << again.error << "\n";
+  std::cout << fmt::format("  rerun shrunk: paritron parity --decisions {}{}\n", s.repro_decisions,
+                           parity::filter_flags(o.filter));
+}
 
 // "tp+sp+pp" style: which parallelisms a layout uses ("none" for one rank).
 std::string parallelism(const ParallelConfig& pc) {
@@ -58,6 +92,13 @@ std::string parallelism(const ParallelConfig& pc) {
 void print_failure(const CaseResult& r) {
   std::cout << fmt::format("FAIL case {}: {}\n", r.index, parity::describe(r.spec));
   if (!r.error.empty()) std::cout << fmt::format("  error: {}\n", r.error);
+  if (!r.closest_decision.empty() && r.near_tie.empty()) {
+    std::cout << fmt::format("  closest decision to a tie: {}\n", r.closest_decision);
+  }
+  if (!r.near_tie.empty()) {
+    std::cout << fmt::format("  note: judged although its routing or a ReLU kink is a near tie (no redraw left): {}\n",
+                             r.near_tie);
+  }
   for (const auto& v : r.verdicts) {
     if (!v.passed && !v.skipped) std::cout << "  " << v.summary() << "\n";
   }
@@ -102,7 +143,7 @@ void print_summary(const std::vector<CaseResult>& results) {
     Row& row = rows[{r.spec.component, parity::spec_dtype_name(r.spec.dtype), parallelism(r.spec.layout)}];
     ++row.cases;
     row.failed += r.passed ? 0 : 1;
-    row.ties += r.routing_ties;
+    row.ties += static_cast<int64_t>(r.resampled.size());
     if (const auto* w = r.worst()) row.worst_ratio = std::max(row.worst_ratio, w->ratio());
   }
   std::cout << fmt::format("\n{:<22} {:<5} {:<16} {:>6} {:>7} {:>12} {:>6}\n", "component", "dtype", "parallelism",
@@ -123,7 +164,15 @@ nlohmann::ordered_json case_json(const CaseResult& r) {
           {"max_error", w ? w->error : 0.0},
           {"tolerance", w ? w->bound : 0.0},
           {"worst_tensor", w ? w->name : ""},
-          {"routing_ties", r.routing_ties},
+          {"worst_element", w ? w->worst_position() : ""},
+          {"expected", w ? w->expected : 0.0},
+          {"actual", w ? w->actual : 0.0},
+          {"reference_error", w ? w->reference_error : 0.0},
+          {"sensitivity", w ? w->sensitivity : 0.0},
+          {"floor", w ? w->floor : 0.0},
+          {"needed_k", std::isfinite(r.needed_k()) ? nlohmann::ordered_json(r.needed_k()) : nlohmann::ordered_json("inf")},
+          {"near_ties_resampled", r.resampled.size()},
+          {"near_tie", r.near_tie.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(r.near_tie)},
           {"error", r.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(r.error)},
           {"config", parity::describe(r.spec)},
           {"seconds", r.seconds},
@@ -165,22 +214,64 @@ void write_junit(const std::string& file, const std::vector<CaseResult>& results
   out << "</testsuite>\n";
 }
 
+int list_faults() {
+  std::cout << (opt::faults::built_with_faults()
+                    ? "faults compiled into this build (paritron parity --fault NAME):\n"
+                    : "faults (this build has none compiled in: configure with -DPARITRON_FAULTS=ON to inject them):\n");
+  for (const auto& f : opt::faults::all_faults()) std::cout << fmt::format("  {:<34} {}\n", f.name, f.description);
+  return kExitOk;
+}
+
+// Deactivates the fault when the sweep ends, however it ends.
+struct FaultScope {
+  explicit FaultScope(const std::string& name) {
+    if (!name.empty()) opt::faults::activate(name);
+  }
+  ~FaultScope() { opt::faults::deactivate(); }
+  FaultScope(const FaultScope&) = delete;
+  FaultScope& operator=(const FaultScope&) = delete;
+};
+
 int run_parity(const ParityOptions& o) {
+  if (o.list_faults) return list_faults();
   const parity::SpecFilter filter = parity::make_filter(o.filter);
+  const FaultScope fault(o.filter.fault);
+  if (!o.filter.fault.empty()) {
+    std::cerr << fmt::format("parity: fault '{}' injected into the optimized side\n", o.filter.fault);
+  }
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
   std::vector<CaseResult> results;
-  Progress progress(o.time_s, o.only_case >= 0 ? 1 : o.cases);
+  Progress progress(o.time_s, o.only_case >= 0 || !o.decisions.empty() ? 1 : o.cases);
   int64_t failed = 0;
+  const bool single = o.only_case >= 0 || !o.decisions.empty();
   for (uint64_t i = o.only_case >= 0 ? static_cast<uint64_t>(o.only_case) : 0;; ++i) {
-    CaseResult r = parity::run_sweep_case(o.seed, i, filter, o.filter);
+    CaseResult r;
+    if (!o.decisions.empty()) {
+      r = parity::run_spec_case(
+          parity::draw_case_spec_from_decisions(parity::parse_decisions(o.decisions), filter));
+      r.repro = "paritron parity --decisions " + o.decisions + parity::filter_flags(o.filter);
+      if (!r.near_tie.empty()) std::cout << "note: this case's routing is a near tie, not judged: " << r.near_tie << "\n";
+    } else {
+      r = parity::run_sweep_case(o.seed, i, filter, o.filter);
+    }
     if (!r.passed) {
       ++failed;
       progress.finish();
       print_failure(r);
+      if (o.decisions.empty()) {
+        try {
+          print_shrunk(r, o.seed, filter, o);
+        } catch (const std::exception& e) {
+          std::cout << "  shrinking failed: " << e.what() << "\n";
+        }
+      }
       if (!o.save_dir.empty() && !r.made.component.empty()) {
         std::filesystem::create_directories(o.save_dir);
-        const std::string path = fmt::format("{}/parity-seed{}-case{}.safetensors", o.save_dir, o.seed, i);
+        const std::string path =
+            o.decisions.empty()
+                ? fmt::format("{}/parity-seed{}-case{}.safetensors", o.save_dir, o.seed, i)
+                : fmt::format("{}/parity-decisions-{}.safetensors", o.save_dir, std::hash<std::string>{}(o.decisions));
         write_case(path, r.made);
         std::cout << fmt::format("  saved: {} (replay: paritron optimized {} --layout {} --dtype {})\n", path, path,
                                  r.spec.layout.layout_name(), dtype_name(parity::run_dtype(r.spec)));
@@ -188,13 +279,13 @@ int run_parity(const ParityOptions& o) {
     }
     results.push_back(std::move(r));
     progress.update(static_cast<int64_t>(results.size()), failed, elapsed());
-    if (o.only_case >= 0) break;
+    if (single) break;
     if (o.cases > 0 && static_cast<int64_t>(results.size()) >= o.cases) break;
     if (o.cases == 0 && elapsed() >= o.time_s) break;
   }
   progress.finish();
   const double seconds = elapsed();
-  if (!o.quiet || o.only_case >= 0) print_summary(results);
+  if (!o.quiet || single) print_summary(results);
   std::cout << fmt::format("{} cases, {} passed, {} failed in {:.1f} s (seed {})\n", results.size(),
                            static_cast<int64_t>(results.size()) - failed, failed, seconds, o.seed);
   if (!o.json_file.empty()) {
@@ -207,7 +298,9 @@ int run_parity(const ParityOptions& o) {
                                     {"passed", static_cast<int64_t>(results.size()) - failed},
                                     {"failed", failed},
                                     {"seconds", seconds},
-                                    {"seed", o.seed}}},
+                                    {"seed", o.seed},
+                                    {"fault", o.filter.fault.empty() ? nlohmann::ordered_json(nullptr)
+                                                                     : nlohmann::ordered_json(o.filter.fault)}}},
                                   {"cases", cases}}
                .dump(2)
         << "\n";
@@ -236,6 +329,19 @@ void register_parity(CLI::App& app, Action& action) {
   cmd->add_option("--json", opts->json_file, "write {summary, cases} to FILE");
   cmd->add_option("--junit", opts->junit_file, "write a JUnit XML report to FILE");
   cmd->add_option("--save-failures", opts->save_dir, "write each failing case as a case file into DIR");
+  cmd->add_option("--fault", opts->filter.fault,
+                  "inject the named fault into the optimized side (builds configured with -DPARITRON_FAULTS=ON; "
+                  "see --list-faults)");
+  cmd->add_flag("--list-faults", opts->list_faults, "list the injectable faults and exit");
+  cmd->add_option("--profile", opts->filter.profile,
+                  "draw from a named distribution: fixtures/profiles/NAME.json (gpt-like, llama-like, mixtral-like, "
+                  "tiny) or a JSON file");
+  cmd->add_option("--decisions", opts->decisions,
+                  "run the one case these generator decisions give (what a shrunk failure's rerun line says; "
+                  "with the same filter flags)");
+  cmd->add_option("--shrink-time", opts->shrink_time_s,
+                  "seconds spent shrinking each failure to a smaller failing config (default 30; 0: off)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("-q,--quiet", opts->quiet, "no summary table");
   cmd->callback([opts, &action] { action = [opts] { return run_parity(*opts); }; });
 }
