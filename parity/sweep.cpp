@@ -78,9 +78,9 @@ uint64_t attempt_seed(uint64_t seed, uint64_t index, int attempt) {
 
 namespace {
 
-// The reference side of a case: the truth, the emulation of the run's dtype
-// and the near-tie verdict (nothing the optimized side does can influence
-// them).
+// The reference side of a case: the truth, the emulation of the run's dtype,
+// the perturbed truth (the sensitivity term) and the near-tie verdict
+// (nothing the optimized side does can influence them).
 struct ReferenceSide {
   opt::OptimizedOptions options;
   int64_t micro_batches = 1;
@@ -109,7 +109,7 @@ ReferenceSide run_reference_side(CaseResult& r) {
   return side;
 }
 
-// The perturbed truth, the optimized run and the verdicts.
+// The optimized run and its verdicts.
 void judge_optimized(CaseResult& r, const ReferenceSide& side) {
   if (side.tie.resolution > 0) {
     r.closest_decision = fmt::format("{} (margin / resolution {:.3g})", side.tie.describe(),

@@ -1,9 +1,11 @@
 // One parity case of a sweep: draw a CaseSpec (parity/generators.h) from
-// (sweep seed, case index), make the case with the reference, run the
-// optimized side on the spec's layout and dtype, and judge every output and
-// gradient with the tolerance model (parity/tolerance.h) against the float64
-// truth, using the reference emulating the same dtype for the error budget
-// (both per token group where a MoE router couples tokens, parity/expected.h).
+// (sweep seed, case index), make the case with the reference, compute the
+// float64 truth, the reference emulating the run's dtype and the truth of the
+// perturbed case (parity/sensitivity.h) (all per token group where a MoE
+// router couples tokens, parity/expected.h); redraw while a routing, capacity
+// or ReLU decision is a near tie (parity/near_ties.h); run the optimized side
+// on the spec's layout and dtype, and judge every output and gradient with
+// the tolerance model (parity/tolerance.h).
 //
 // A case is reproduced exactly by its (seed, index) and the sweep's filter:
 // `repro` is the command line that reruns it alone.
