@@ -84,7 +84,7 @@ NearTie find_near_tie(const std::map<std::string, Tensor>& truth,
                       const TransformerConfig& cfg) {
   const double u = unit_roundoff(dtype);
   const bool order_matters = truth.count("outputs.router_indices") > 0;
-  Worst worst;
+  Worst worst, kinks;  // routing / capacity decisions; ReLU kinks
   for (const auto& [name, topk] : truth) {
     if (name.rfind(kTapPrefix, 0) != 0 || !name.ends_with("router.topk_margin")) continue;
     const std::string prefix = name.substr(0, name.size() - std::string_view("topk_margin").size());
@@ -130,13 +130,20 @@ NearTie find_near_tie(const std::map<std::string, Tensor>& truth,
       for (int64_t r = 0; r < fc1.shape()[0]; ++r) {
         double m = kInf;
         for (int64_t c = 0; c < gate; ++c) m = std::min(m, std::abs(fc1.get(r * cols + c)));
-        worst.offer(where, m, res[static_cast<size_t>(r)]);
+        kinks.offer(where, m, res[static_cast<size_t>(r)]);
       }
     }
   }
-  worst.tie.factor = tie_factor(judged_as);
-  worst.tie.near_tie = worst.ratio < worst.tie.factor;
-  return worst.tie;
+  const double factor = tie_factor(judged_as);
+  const bool routing = worst.ratio < factor, kink = kinks.ratio < factor;
+  // The details of the decision that matters most: a routing tie, else a
+  // kink tie, else the closest decision of either kind.
+  NearTie tie = routing ? worst.tie : kink ? kinks.tie : worst.ratio <= kinks.ratio ? worst.tie : kinks.tie;
+  tie.factor = factor;
+  tie.routing = routing;
+  tie.kink = kink;
+  tie.near_tie = routing || kink;
+  return tie;
 }
 
 }  // namespace paritron::parity

@@ -33,8 +33,11 @@
 // z = 0, so a pre-activation within the dtype's resolution of 0 may land on
 // the other side in a correct low-precision run, and the gradient through
 // that unit (linear_fc1's weight and bias gradients, everything upstream)
-// changes by O(|dy| |x|). With activation_func relu (the gate half under
-// GLU), the taps `linear_fc1` (dense MLP, experts) give
+// changes by O(|dy| |x|), while the forward, continuous at the kink, does
+// not: the sweep still judges such a case's outputs and leaves only its
+// gradients unjudged (counted), instead of redrawing it. With
+// activation_func relu (the gate half under GLU), the taps `linear_fc1`
+// (dense MLP, experts) give
 //   margin = min |z_truth| of a token's row, resolution = its drift as above
 // and the same factor test. (squared_relu and the GELU family have
 // continuous derivatives: no kink.)
@@ -58,7 +61,9 @@
 namespace paritron::parity {
 
 struct NearTie {
-  bool near_tie = false;
+  bool near_tie = false;  // routing || kink
+  bool routing = false;   // a router's top-k / order / capacity decision (forward results jump: redraw)
+  bool kink = false;      // a ReLU kink (the forward is continuous there: only gradients jump)
   std::string router;   // the tap path of the closest router ("", "mlp.", "layers.3.mlp.")
   double margin = std::numeric_limits<double>::infinity();      // its smallest margin
   double resolution = 0;                                        // its resolution

@@ -53,6 +53,8 @@ TEST(NearTies, RouterMarginAgainstTheEmulatedLogitDrift) {
   {
     const NearTie t = near(router("layers.1.mlp.", logits, 0.05), emulated, DType::BF16, cfg);
     EXPECT_TRUE(t.near_tie) << t.describe();
+    EXPECT_TRUE(t.routing);  // the sweep redraws the case
+    EXPECT_FALSE(t.kink);
     EXPECT_NE(t.describe().find("layers.1.mlp."), std::string::npos);
   }
   // A capacity decision near a tie counts the same way.
@@ -99,6 +101,8 @@ TEST(NearTies, ReluKinksOnlyForRelu) {
   const NearTie t = near(truth, emulated, DType::BF16, cfg);
   EXPECT_TRUE(t.near_tie) << t.describe();  // row 0: |z| = 0.004 < 6 x max(0.002, 2^-8 * 0.5)
   EXPECT_NE(t.describe().find("relu kink"), std::string::npos);
+  EXPECT_TRUE(t.kink);
+  EXPECT_FALSE(t.routing);  // the sweep judges the outputs, not the gradients
   // GLU: only the gate half (the first two columns) has the activation.
   cfg.gated_linear_unit = true;
   EXPECT_FALSE(near(truth, emulated, DType::BF16, cfg).near_tie);

@@ -38,6 +38,7 @@ struct CaseResult {
   std::vector<std::string> resampled;   // the near-tie draws replaced before this one (parity/near_ties.h)
   std::string near_tie;                 // run_spec_case: the spec is a near tie, not judged (passed stays true)
   std::string closest_decision;         // the judged case's decision closest to a tie (routing, capacity, ReLU), if any
+  bool gradients_judged = true;         // false: a ReLU kink is a near tie; outputs judged, gradients not
   double seconds = 0;
   std::string repro;
   Case made;                            // the case file (kept for --save-failures)
@@ -55,7 +56,8 @@ SpecFilter make_filter(const SweepFilterArgs& args);
 uint64_t attempt_seed(uint64_t seed, uint64_t index, int attempt);
 
 // Case `index` of the sweep `seed`: drawn, redrawn while its routing is a
-// near tie (up to 16 times; `resampled` lists them), run and judged.
+// near tie (up to 16 times; `resampled` lists them), run and judged (its
+// outputs only when a ReLU kink is a near tie: gradients_judged = false).
 CaseResult run_sweep_case(uint64_t seed, uint64_t index, const SpecFilter& filter, const SweepFilterArgs& args);
 
 // One given spec, run and judged, without redrawing: a near tie is reported in

@@ -173,6 +173,7 @@ nlohmann::ordered_json case_json(const CaseResult& r) {
           {"needed_k", std::isfinite(r.needed_k()) ? nlohmann::ordered_json(r.needed_k()) : nlohmann::ordered_json("inf")},
           {"near_ties_resampled", r.resampled.size()},
           {"near_tie", r.near_tie.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(r.near_tie)},
+          {"gradients_judged", r.gradients_judged},
           {"error", r.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(r.error)},
           {"config", parity::describe(r.spec)},
           {"seconds", r.seconds},
@@ -252,6 +253,7 @@ int run_parity(const ParityOptions& o) {
           parity::draw_case_spec_from_decisions(parity::parse_decisions(o.decisions), filter));
       r.repro = "paritron parity --decisions " + o.decisions + parity::filter_flags(o.filter);
       if (!r.near_tie.empty()) std::cout << "note: this case's routing is a near tie, not judged: " << r.near_tie << "\n";
+      if (!r.gradients_judged) std::cout << "note: a ReLU kink is a near tie: outputs judged, gradients not\n";
     } else {
       r = parity::run_sweep_case(o.seed, i, filter, o.filter);
     }
@@ -288,6 +290,16 @@ int run_parity(const ParityOptions& o) {
   if (!o.quiet || single) print_summary(results);
   std::cout << fmt::format("{} cases, {} passed, {} failed in {:.1f} s (seed {})\n", results.size(),
                            static_cast<int64_t>(results.size()) - failed, failed, seconds, o.seed);
+  int64_t redrawn = 0, outputs_only = 0;
+  for (const auto& r : results) {
+    redrawn += static_cast<int64_t>(r.resampled.size());
+    outputs_only += r.gradients_judged ? 0 : 1;
+  }
+  if (redrawn > 0 || outputs_only > 0) {
+    std::cout << fmt::format("near ties: {} draws redrawn (routing / capacity), {} cases judged on outputs only "
+                             "(a ReLU kink within reach of rounding)\n",
+                             redrawn, outputs_only);
+  }
   if (!o.json_file.empty()) {
     nlohmann::ordered_json cases = nlohmann::ordered_json::array();
     for (const auto& r : results) cases.push_back(case_json(r));
