@@ -39,10 +39,13 @@ function(paritron_add_test)
     add_test(NAME ${T_NAME} COMMAND ${T_NAME})
     set_tests_properties(${T_NAME} PROPERTIES LABELS "${T_LABELS}" ${T_PROPERTIES})
   else()
-    # Only the first label reaches discovered tests (CMake 3.25's
-    # gtest_discover_tests splits a label list into property names); tests
-    # that need several labels use WHOLE.
-    gtest_discover_tests(${T_NAME} DISCOVERY_MODE PRE_TEST
-                         PROPERTIES LABELS "${T_LABELS}")
+    # The labels are set by a script of our own that ctest includes after the
+    # discovered tests (CMake 3.25's gtest_discover_tests PROPERTIES would
+    # split a label list such as "optimized;gpu" into property names).
+    gtest_discover_tests(${T_NAME} DISCOVERY_MODE PRE_TEST TEST_LIST ${T_NAME}_TESTS)
+    set(labels_script "${CMAKE_CURRENT_BINARY_DIR}/${T_NAME}_labels.cmake")
+    file(WRITE "${labels_script}"
+         "if(DEFINED ${T_NAME}_TESTS)\n  set_tests_properties(\${${T_NAME}_TESTS} PROPERTIES LABELS \"${T_LABELS}\")\nendif()\n")
+    set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${labels_script}")
   endif()
 endfunction()
