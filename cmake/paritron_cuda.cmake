@@ -19,6 +19,22 @@ if(NOT PARITRON_CUDA STREQUAL "OFF")
     set(CMAKE_CUDA_STANDARD 20)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
     find_package(CUDAToolkit REQUIRED)
+    # One CUDA runtime per process: nvcc-linked targets default to the static
+    # cudart, the libraries link the shared one (CUDA::cudart); two copies
+    # would not share streams or allocations.
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
+    # NCCL ships no CMake config (shared/toolchain.md): an imported target by hand.
+    find_path(NCCL_INCLUDE_DIR nccl.h HINTS ENV NCCL_HOME ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
+    find_library(NCCL_LIBRARY NAMES nccl HINTS ENV NCCL_HOME ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib lib64)
+    if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
+      add_library(NCCL::nccl UNKNOWN IMPORTED)
+      set_target_properties(NCCL::nccl PROPERTIES IMPORTED_LOCATION "${NCCL_LIBRARY}"
+                            INTERFACE_INCLUDE_DIRECTORIES "${NCCL_INCLUDE_DIR}")
+      set(PARITRON_HAVE_NCCL ON)
+    else()
+      set(PARITRON_HAVE_NCCL OFF)
+      message(STATUS "NCCL not found: the NCCL comm is not built (set NCCL_HOME)")
+    endif()
     set(PARITRON_HAVE_CUDA ON)
   elseif(PARITRON_CUDA STREQUAL "ON")
     message(FATAL_ERROR "PARITRON_CUDA=ON but no CUDA compiler (nvcc) was found")

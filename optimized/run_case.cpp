@@ -14,6 +14,9 @@
 #include "optimized/comm/comm.h"
 #include "optimized/comm/run_ranks.h"
 #include "optimized/comm/thread_comm.h"
+#if defined(PARITRON_HAVE_CUDA)
+#include "optimized/comm/device_local_comm.h"
+#endif
 #include "optimized/faults.h"
 #include "optimized/model/attention.h"
 #include "optimized/model/gather.h"
@@ -648,18 +651,35 @@ OptimizedResult run_optimized_rank(const Case& c, const ParallelConfig& pc, cons
 OptimizedResult run_optimized(const Case& c, const ParallelConfig& pc, const OptimizedOptions& o) {
   throw_if_unrunnable(c, pc);
   OptimizedResult result;
-  run_on_threads(
-      pc.world_size(),
-      [&](Comm& comm) {
-        OptimizedResult r = run_optimized_rank(c, pc, o, comm);
-        if (comm.rank() == 0) result = std::move(r);
-      },
-      o.timeout);
+  auto body = [&](Comm& comm) {
+    OptimizedResult r = run_optimized_rank(c, pc, o, comm);
+    if (comm.rank() == 0) result = std::move(r);
+  };
+#if defined(PARITRON_HAVE_CUDA)
+  // GPU ranks as threads sharing one device: the device-local comm moves
+  // device memory (NCCL refuses two ranks on one GPU).
+  if (o.backend == "cuda") {
+    run_on_device_threads(pc.world_size(), body, o.timeout);
+    return result;
+  }
+#endif
+  run_on_threads(pc.world_size(), body, o.timeout);
   return result;
 }
 
+namespace {
+// A one-rank world whose comm moves the backend's memory.
+std::unique_ptr<ThreadWorld> single_rank_world(const std::string& backend) {
+#if defined(PARITRON_HAVE_CUDA)
+  if (backend == "cuda") return make_device_local_world(1);
+#endif
+  (void)backend;
+  return std::make_unique<ThreadWorld>(1);
+}
+}  // namespace
+
 struct SingleRankModel::Impl {
-  ThreadWorld world{1};
+  std::unique_ptr<ThreadWorld> world;
   Case c;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<ModelContext> m;
@@ -678,7 +698,8 @@ SingleRankModel::SingleRankModel(const Case& c, const OptimizedOptions& o) : imp
   const ParallelConfig pc;
   i.plan = plan_rank(i.c, pc, 0, o);
   i.backend = make_backend(o.backend);
-  i.m = std::make_unique<ModelContext>(*i.backend, i.world.comm(0), i.plan.ps, c.config, o.dtype);
+  i.world = single_rank_world(o.backend);
+  i.m = std::make_unique<ModelContext>(*i.backend, i.world->comm(0), i.plan.ps, c.config, o.dtype);
   i.m->training = c.training;
   i.m->seed = c.seed.value_or(0);
   load_params(*i.m, i.c, i.plan);

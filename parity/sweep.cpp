@@ -34,8 +34,19 @@ std::string filter_flags(const SweepFilterArgs& args) {
   if (!args.layout.empty()) s += " --layout " + args.layout;
   if (!args.profile.empty()) s += " --profile " + args.profile;
   if (!args.fault.empty()) s += " --fault " + args.fault;
+  if (!args.backend.empty() && args.backend != "cpu") s += " --backend " + args.backend;
   return s;
 }
+
+namespace {
+std::string& backend_setting() {
+  static std::string name = "cpu";
+  return name;
+}
+}  // namespace
+
+void set_sweep_backend(const std::string& name) { backend_setting() = name.empty() ? "cpu" : name; }
+const std::string& sweep_backend() { return backend_setting(); }
 
 const TensorVerdict* CaseResult::worst() const {
   const TensorVerdict* w = nullptr;
@@ -92,6 +103,7 @@ ReferenceSide run_reference_side(CaseResult& r) {
   ReferenceSide side;
   r.made = ref::make_case(make_options(r.spec));
   side.options = optimized_options(r.spec);
+  side.options.backend = sweep_backend();
   side.micro_batches = opt::optimized_micro_batches(r.made, r.spec.layout, side.options);
   side.truth = expected_for_layout(r.made, r.spec.layout, side.micro_batches);
   ref::ReferenceOptions emulate;

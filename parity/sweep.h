@@ -25,7 +25,15 @@ struct SweepFilterArgs {  // the filter as the command line spells it, for repro
   std::string component, dtype, layout;
   std::string profile;  // --profile NAME (fixtures/profiles/NAME.json) or a file
   std::string fault;    // --fault NAME (a -DPARITRON_FAULTS=ON build): part of the repro, not of the draw
+  std::string backend;  // --backend NAME (empty: cpu): part of the repro, not of the draw
 };
+
+// The optimized side's kernel backend for every case this process runs
+// ("cpu" unless set; `paritron parity --backend cuda`). A process-wide
+// setting, like an injected fault: the cases and their draws do not depend
+// on it, only the side under test does.
+void set_sweep_backend(const std::string& name);
+const std::string& sweep_backend();
 
 struct CaseResult {
   uint64_t index = 0;

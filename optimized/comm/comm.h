@@ -2,7 +2,8 @@
 // (design.md, principles 4 and 5; issue #5 "Comm backends"). Implementations:
 //   ThreadComm (optimized/comm/thread_comm.h)  in-process ranks, a thread each
 //   MpiComm    (optimized/comm/mpi_comm.h)     one rank per process, OpenMPI
-//   NCCL / device-local comms on GPUs (issue #7)
+//   device-local (optimized/comm/device_local_comm.h) several ranks on one GPU, a thread each
+//   NcclComm   (optimized/comm/nccl_comm.h)    one GPU per process, NCCL bootstrapped over MPI
 //
 // Groups are built from common/parallel_config.h's group_members, i.e. in the
 // order of Megatron's initialize_model_parallel; a rank's index in
@@ -53,7 +54,7 @@ class Comm {
   virtual ~Comm() = default;
   virtual int64_t rank() const = 0;
   virtual int64_t world_size() const = 0;
-  virtual std::string_view name() const = 0;  // "threads", "mpi"
+  virtual std::string_view name() const = 0;  // "threads", "mpi", "device-threads", "nccl"
 
   // Sum over the group, in place, in fp32 (fp64 for F64 storage) with the
   // result rounded to t's dtype. Every member gets identical bits.

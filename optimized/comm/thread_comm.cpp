@@ -7,13 +7,72 @@
 #include <deque>
 #include <mutex>
 #include <numeric>
+#include <thread>
 #include <tuple>
 
+#include "common/math/float_format.h"
 #include "optimized/comm/comm_util.h"
+#include "optimized/comm/run_ranks.h"
 
 namespace paritron::opt {
 
 using namespace comm_detail;
+
+// --- CommMemory: the host implementation -----------------------------------
+
+void CommMemory::before_post(std::string_view) {}
+void CommMemory::after_complete(std::string_view) {}
+void CommMemory::copy(void* dst, const void* src, size_t bytes, std::string_view) { std::memcpy(dst, src, bytes); }
+bool CommMemory::can_sum(DType storage) const { return summable(storage); }
+void CommMemory::sum_members(const std::vector<const void*>& inputs, DType, DType storage,
+                             const math::FloatFormat* round_to, int64_t begin, int64_t count, void* out,
+                             std::string_view) {
+  comm_detail::sum_members(inputs, storage, begin, count, out, round_to);
+}
+void CommMemory::to_host(void* host_dst, const void* src, size_t bytes, std::string_view) {
+  std::memcpy(host_dst, src, bytes);
+}
+void CommMemory::from_host(void* dst, const void* host_src, size_t bytes, std::string_view) {
+  std::memcpy(dst, host_src, bytes);
+}
+
+namespace comm_detail {
+
+std::string check_calls_with(const std::vector<const CallDesc*>& calls, const Group& g,
+                             const std::function<bool(DType)>& can_sum) {
+  const CallDesc& p0 = *calls[0];
+  const bool sums = p0.op == "all_reduce" || p0.op == "reduce_scatter";
+  if (!sums || summable(p0.storage) || !can_sum(p0.storage)) return check_calls(calls, g);
+  // The stand-in is faithful only when every member stores p0.storage (in
+  // and out); otherwise check_calls fails before the summability test on the
+  // real calls (different dtypes, or an output dtype differing from the input).
+  for (const CallDesc* c : calls) {
+    if (c->storage != p0.storage || (c->has_out && c->out_storage != p0.storage)) return check_calls(calls, g);
+  }
+  std::vector<CallDesc> stand_in;
+  stand_in.reserve(calls.size());
+  for (const CallDesc* c : calls) {
+    stand_in.push_back(*c);
+    stand_in.back().storage = DType::F32;
+    if (c->has_out) stand_in.back().out_storage = DType::F32;
+  }
+  std::vector<const CallDesc*> ptrs;
+  for (const CallDesc& c : stand_in) ptrs.push_back(&c);
+  std::string error = check_calls(ptrs, g);
+  // check_calls lists "rank R passed <call>" for every member: show the real calls.
+  size_t from = 0;
+  for (size_t i = 0; i < calls.size() && !error.empty(); ++i) {
+    const std::string shown = fmt::format("rank {} passed {}", g.ranks[i], stand_in[i].describe());
+    const std::string real = fmt::format("rank {} passed {}", g.ranks[i], calls[i]->describe());
+    const size_t at = error.find(shown, from);
+    if (at == std::string::npos) continue;
+    error.replace(at, shown.size(), real);
+    from = at + real.size();
+  }
+  return error;
+}
+
+}  // namespace comm_detail
 
 // What one member passed to a collective: its call and its buffers.
 struct ThreadComm::Post : CallDesc {
@@ -46,10 +105,14 @@ struct ThreadWorld::State {
   std::vector<bool> retired;
 };
 
-ThreadWorld::ThreadWorld(int64_t world_size) : state_(std::make_unique<State>()) {
+ThreadWorld::ThreadWorld(int64_t world_size, const MemoryFactory& memory) : state_(std::make_unique<State>()) {
   if (world_size < 1) throw CommError(fmt::format("ThreadWorld: world size {} < 1", world_size));
   state_->retired.assign(static_cast<size_t>(world_size), false);
-  for (int64_t r = 0; r < world_size; ++r) comms_.push_back(std::unique_ptr<ThreadComm>(new ThreadComm(this, r)));
+  for (int64_t r = 0; r < world_size; ++r) {
+    std::unique_ptr<CommMemory> m = memory ? memory(r) : std::make_unique<CommMemory>();
+    if (!m) throw CommError(fmt::format("ThreadWorld: the memory factory returned nothing for rank {}", r));
+    comms_.push_back(std::unique_ptr<ThreadComm>(new ThreadComm(this, r, std::move(m))));
+  }
 }
 
 ThreadWorld::~ThreadWorld() = default;
@@ -80,13 +143,23 @@ std::string aborted_message(const ThreadWorld::Failure& f, int64_t rank, const s
 
 // A member's view of a completed rendezvous; its destructor is the second
 // rendezvous (waits until every member is done with the others' buffers).
+// complete() waits for this member's queued work (CommMemory::after_complete)
+// and reports its failure; without it (an exception unwinding) the destructor
+// still waits for that work, ignoring errors, before it signals done.
 class ThreadComm::Session {
  public:
-  Session(ThreadWorld::State* st, std::shared_ptr<Rendezvous> rv, std::pair<std::vector<int64_t>, uint64_t> key)
-      : st_(st), rv_(std::move(rv)), key_(std::move(key)) {}
+  Session(ThreadWorld::State* st, CommMemory* memory, std::shared_ptr<Rendezvous> rv,
+          std::pair<std::vector<int64_t>, uint64_t> key, std::string context)
+      : st_(st), memory_(memory), rv_(std::move(rv)), key_(std::move(key)), context_(std::move(context)) {}
   Session(Session&&) = default;
   ~Session() {
     if (!rv_) return;
+    if (!completed_) {
+      try {
+        memory_->after_complete(context_);
+      } catch (...) {  // a destructor cannot throw; complete() is where failures are reported
+      }
+    }
     std::unique_lock<std::mutex> lock(st_->mu);
     const auto n = static_cast<int64_t>(rv_->posts.size());
     if (++rv_->done == n) {
@@ -99,17 +172,26 @@ class ThreadComm::Session {
     }
   }
   const Post& post(int64_t i) const { return *rv_->posts[static_cast<size_t>(i)]; }
+  const std::string& context() const { return context_; }
+  void complete() {
+    memory_->after_complete(context_);
+    completed_ = true;
+  }
 
  private:
   ThreadWorld::State* st_;
+  CommMemory* memory_;
   std::shared_ptr<Rendezvous> rv_;
   std::pair<std::vector<int64_t>, uint64_t> key_;
+  std::string context_;
+  bool completed_ = false;
 };
 
 ThreadComm::Session ThreadComm::enter(const Group& g, Post post) {
   const std::string context = fmt::format("{} on group {}", post.op, g.describe());
   post.group_name = g.name;
   check_group(g, rank_, world_size(), post.op);
+  memory_->before_post(context);
   ThreadWorld::State* st = world_->state_.get();
   const uint64_t seq = calls_[g.ranks]++;
   auto key = std::make_pair(g.ranks, seq);
@@ -128,7 +210,7 @@ ThreadComm::Session ThreadComm::enter(const Group& g, Post post) {
   if (++rv->arrived == n) {
     std::vector<const CallDesc*> calls;
     for (const auto& p : rv->posts) calls.push_back(&*p);
-    rv->error = check_calls(calls, g);
+    rv->error = check_calls_with(calls, g, [this](DType d) { return memory_->can_sum(d); });
     rv->complete = true;
     st->cv.notify_all();
   } else {
@@ -174,7 +256,7 @@ ThreadComm::Session ThreadComm::enter(const Group& g, Post post) {
     }
   }
   lock.unlock();
-  Session session(st, rv, std::move(key));
+  Session session(st, memory_.get(), rv, std::move(key), context);
   if (!rv->error.empty()) throw CommError(rv->error);  // the session's destructor still does the second rendezvous
   return session;
 }
@@ -221,11 +303,13 @@ void ThreadComm::all_reduce(DTensor& t, const Group& g) {
   for (int64_t i = 0; i < n; ++i) inputs.push_back(s.post(i).in);
   const size_t esize = dtype_size(t.storage_dtype());
   auto* mine = static_cast<std::byte*>(t.data()) + static_cast<size_t>(begin) * esize;
-  sum_members(inputs, t.storage_dtype(), begin, end - begin, mine, rounding_format(t));
+  memory_->sum_members(inputs, t.dtype(), t.storage_dtype(), rounding_format(t), begin, end - begin, mine,
+                       s.context());
   for (int64_t i = 0; i < n; ++i) {
     auto* dst = static_cast<std::byte*>(s.post(i).out) + static_cast<size_t>(begin) * esize;
-    if (i != me && dst != mine) std::memcpy(dst, mine, static_cast<size_t>(end - begin) * esize);
+    if (i != me && dst != mine) memory_->copy(dst, mine, static_cast<size_t>(end - begin) * esize, s.context());
   }
+  s.complete();
 }
 
 void ThreadComm::all_gather(const DTensor& in, DTensor& out, const Group& g) {
@@ -234,8 +318,9 @@ void ThreadComm::all_gather(const DTensor& in, DTensor& out, const Group& g) {
   const size_t bytes = in.nbytes();
   for (int64_t i = 0; i < g.size(); ++i) {
     auto* dst = static_cast<std::byte*>(out.data()) + static_cast<size_t>(i) * bytes;
-    if (dst != s.post(i).in) std::memcpy(dst, s.post(i).in, bytes);
+    if (dst != s.post(i).in) memory_->copy(dst, s.post(i).in, bytes, s.context());
   }
+  s.complete();
 }
 
 void ThreadComm::reduce_scatter(const DTensor& in, DTensor& out, const Group& g) {
@@ -244,7 +329,9 @@ void ThreadComm::reduce_scatter(const DTensor& in, DTensor& out, const Group& g)
   const int64_t block = out.numel();
   std::vector<const void*> inputs;
   for (int64_t i = 0; i < g.size(); ++i) inputs.push_back(s.post(i).in);
-  sum_members(inputs, in.storage_dtype(), block * g.index, block, out.data(), rounding_format(in));
+  memory_->sum_members(inputs, in.dtype(), in.storage_dtype(), rounding_format(in), block * g.index, block, out.data(),
+                       s.context());
+  s.complete();
 }
 
 void ThreadComm::all_to_all_v(const DTensor& in, std::span<const int64_t> send_rows, DTensor& out,
@@ -262,11 +349,13 @@ void ThreadComm::all_to_all_v(const DTensor& in, std::span<const int64_t> send_r
                                             int64_t{0});
     const auto count = static_cast<size_t>(pj.send_rows[me]);
     if (count > 0) {
-      std::memcpy(static_cast<std::byte*>(out.data()) + out_row * row_bytes,
-                  static_cast<const std::byte*>(pj.in) + static_cast<size_t>(src_row) * row_bytes, count * row_bytes);
+      memory_->copy(static_cast<std::byte*>(out.data()) + out_row * row_bytes,
+                    static_cast<const std::byte*>(pj.in) + static_cast<size_t>(src_row) * row_bytes, count * row_bytes,
+                    s.context());
     }
     out_row += count;
   }
+  s.complete();
 }
 
 std::vector<int64_t> ThreadComm::all_gather_ints(std::span<const int64_t> values, const Group& g) {
@@ -278,6 +367,7 @@ std::vector<int64_t> ThreadComm::all_gather_ints(std::span<const int64_t> values
   std::vector<int64_t> out;
   out.reserve(values.size() * static_cast<size_t>(g.size()));
   for (int64_t i = 0; i < g.size(); ++i) out.insert(out.end(), s.post(i).ints.begin(), s.post(i).ints.end());
+  s.complete();
   return out;
 }
 
@@ -286,14 +376,16 @@ void ThreadComm::broadcast(DTensor& t, int64_t root_index, const Group& g) {
   p.root = root_index;
   Session s = enter(g, std::move(p));
   if (g.index != root_index && s.post(root_index).in != t.data()) {
-    std::memcpy(t.data(), s.post(root_index).in, t.nbytes());
+    memory_->copy(t.data(), s.post(root_index).in, t.nbytes(), s.context());
   }
+  s.complete();
 }
 
 void ThreadComm::barrier(const Group& g) {
   Post p;
   p.op = "barrier";
   Session s = enter(g, std::move(p));
+  s.complete();
 }
 
 void ThreadComm::send(const DTensor& t, int64_t dst_rank, int64_t tag) {
@@ -302,7 +394,7 @@ void ThreadComm::send(const DTensor& t, int64_t dst_rank, int64_t tag) {
     throw CommError(fmt::format("{}: no rank {} in a world of {}", context, dst_rank, world_size()));
   }
   Message m{t.dtype(), t.storage_dtype(), t.shape(), std::vector<std::byte>(t.nbytes())};
-  if (t.nbytes() > 0) std::memcpy(m.bytes.data(), t.data(), t.nbytes());
+  if (t.nbytes() > 0) memory_->to_host(m.bytes.data(), t.data(), t.nbytes(), context);
   ThreadWorld::State* st = world_->state_.get();
   std::lock_guard<std::mutex> lock(st->mu);
   if (st->failure) throw CommError(aborted_message(*st->failure, rank_, context));
@@ -333,7 +425,7 @@ void ThreadComm::recv(DTensor& t, int64_t src_rank, int64_t tag) {
         throw CommError(fmt::format("{} on rank {}: rank {} sent {}, the receiving tensor is {}", context, rank_,
                                     src_rank, sent, t.describe()));
       }
-      if (!m.bytes.empty()) std::memcpy(t.data(), m.bytes.data(), m.bytes.size());
+      if (!m.bytes.empty()) memory_->from_host(t.data(), m.bytes.data(), m.bytes.size(), context);
       return;
     }
     if (st->retired[static_cast<size_t>(src_rank)]) {
@@ -359,6 +451,54 @@ void ThreadComm::retire() {
   std::lock_guard<std::mutex> lock(st->mu);
   st->retired[static_cast<size_t>(rank_)] = true;
   st->cv.notify_all();
+}
+
+namespace {
+std::string what_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "unknown exception (not a std::exception)";
+  }
+}
+}  // namespace
+
+void run_on_world(ThreadWorld& world, const std::function<void(Comm&)>& body) {
+  const int64_t world_size = world.size();
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(world_size));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(world_size));
+  auto rank_main = [&](int64_t r) {
+    ThreadComm& comm = world.comm(r);
+    try {
+      body(comm);
+    } catch (...) {
+      errors[static_cast<size_t>(r)] = std::current_exception();
+      try {
+        comm.abort(what_of(errors[static_cast<size_t>(r)]));
+      } catch (...) {
+      }
+    }
+    try {
+      comm.retire();
+    } catch (...) {
+    }
+  };
+  try {
+    for (int64_t r = 0; r < world_size; ++r) threads.emplace_back(rank_main, r);
+  } catch (const std::exception& e) {
+    // Could not start every rank: fail the started ones, then join them.
+    world.comm(0).abort(fmt::format("could not start rank thread {}: {}", threads.size(), e.what()));
+    for (size_t r = threads.size(); r < static_cast<size_t>(world_size); ++r) world.comm(static_cast<int64_t>(r)).retire();
+  }
+  for (auto& t : threads) t.join();
+
+  const auto failure = world.failure();
+  if (!failure) return;
+  const auto r = static_cast<size_t>(failure->rank);
+  throw RankFailed(failure->rank, failure->reason, r < errors.size() ? errors[r] : nullptr);
 }
 
 }  // namespace paritron::opt

@@ -26,10 +26,18 @@
 // have not arrived. retire() marks a rank whose body has finished: peers that
 // wait for it (a collective it will never join, a recv from it with an empty
 // mailbox) fail at once instead of waiting for the timeout.
+//
+// Memory: the ranks' data moves through a CommMemory (below): host memcpy and
+// host sums by default (name() "threads"); the device-local comm
+// (optimized/comm/device_local_comm.h) plugs in device copies and reduction
+// kernels on each rank's stream (name() "device-threads") and keeps every
+// rule above (rendezvous, checks, messages, aborts, timeouts, retire).
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -39,7 +47,61 @@
 
 #include "optimized/comm/comm.h"
 
+namespace paritron::math {
+struct FloatFormat;
+}
+
 namespace paritron::opt {
+
+namespace comm_detail {
+struct CallDesc;
+
+// check_calls (comm_util.h) where `can_sum` decides which storage dtypes
+// all_reduce and reduce_scatter may sum (check_calls itself accepts only the
+// host's summable storages f32, f64, i64, i32). A storage that only can_sum
+// accepts (bf16 / f16 on a device) is checked as if stored as f32, and a
+// failure's message shows every rank's real call: the text check_calls gives
+// for host storage. With can_sum = summable it is check_calls.
+std::string check_calls_with(const std::vector<const CallDesc*>& calls, const Group& g,
+                             const std::function<bool(DType)>& can_sum);
+}  // namespace comm_detail
+
+// How a ThreadWorld's ranks move and sum data. The base class is the host
+// implementation (memcpy, host sums): ThreadComm's behaviour. Each rank has
+// its own instance, called only from that rank's thread; `context` names the
+// call for error messages ("all_reduce on group tp [0, 1]").
+//
+// A collective, for an implementation that works asynchronously (a device
+// stream): before_post; then, once every member posted, the member's copies
+// and sums, which may be queued; then after_complete, which returns only
+// once they are done, because the peers then reuse the buffers this member
+// read and read what it wrote.
+class CommMemory {
+ public:
+  virtual ~CommMemory() = default;
+  // The comm's name().
+  virtual std::string_view name() const { return "threads"; }
+  // Before this rank posts a collective: its inputs must be ready for the
+  // peers to read once it returns (a device waits for its stream).
+  virtual void before_post(std::string_view context);
+  // After this rank issued its part and before it signals it is done.
+  virtual void after_complete(std::string_view context);
+  // bytes from src to dst (either may be another rank's buffer).
+  virtual void copy(void* dst, const void* src, size_t bytes, std::string_view context);
+  // Whether sum_members can sum elements stored as `storage`.
+  virtual bool can_sum(DType storage) const;
+  // out[i] = inputs[0][begin + i] + inputs[1][begin + i] + ... (that order) in
+  // fp32 (double for F64 storage, exact for integers), rounded once to
+  // `round_to` when it is not null (a dtype narrower than the storage) and
+  // stored as `storage` (which rounds to a 16-bit storage). out may alias
+  // inputs[k] + begin.
+  virtual void sum_members(const std::vector<const void*>& inputs, DType dtype, DType storage,
+                           const math::FloatFormat* round_to, int64_t begin, int64_t count, void* out,
+                           std::string_view context);
+  // send / recv staging between this memory and host memory.
+  virtual void to_host(void* host_dst, const void* src, size_t bytes, std::string_view context);
+  virtual void from_host(void* dst, const void* host_src, size_t bytes, std::string_view context);
+};
 
 class ThreadWorld;
 
@@ -47,7 +109,7 @@ class ThreadComm final : public Comm {
  public:
   int64_t rank() const override { return rank_; }
   int64_t world_size() const override;
-  std::string_view name() const override { return "threads"; }
+  std::string_view name() const override { return memory_->name(); }
 
   void all_reduce(DTensor& t, const Group& g) override;
   void all_gather(const DTensor& in, DTensor& out, const Group& g) override;
@@ -70,17 +132,22 @@ class ThreadComm final : public Comm {
  private:
   friend class ThreadWorld;
   class Session;
-  ThreadComm(ThreadWorld* world, int64_t rank) : world_(world), rank_(rank) {}
+  ThreadComm(ThreadWorld* world, int64_t rank, std::unique_ptr<CommMemory> memory)
+      : world_(world), rank_(rank), memory_(std::move(memory)) {}
   Session enter(const Group& g, Post post);
 
   ThreadWorld* world_;
   int64_t rank_;
+  std::unique_ptr<CommMemory> memory_;
   std::map<std::vector<int64_t>, uint64_t> calls_;  // collectives issued per member list
 };
 
 class ThreadWorld {
  public:
-  explicit ThreadWorld(int64_t world_size);
+  // Makes rank r's CommMemory (called once per rank, on the constructing thread).
+  using MemoryFactory = std::function<std::unique_ptr<CommMemory>(int64_t rank)>;
+  // An empty factory: host memory (plain ThreadComm).
+  explicit ThreadWorld(int64_t world_size, const MemoryFactory& memory = {});
   ~ThreadWorld();
   ThreadWorld(const ThreadWorld&) = delete;
   ThreadWorld& operator=(const ThreadWorld&) = delete;
@@ -102,5 +169,12 @@ class ThreadWorld {
   std::unique_ptr<State> state_;
   std::vector<std::unique_ptr<ThreadComm>> comms_;
 };
+
+// run_on_threads (optimized/comm/run_ranks.h) on a world made by the caller
+// (another CommMemory, per-rank settings): a thread per rank runs
+// body(world.comm(r)); an exception escaping a body aborts that rank's comm, a
+// body that returns retires its rank; after joining every thread the first
+// failure is rethrown as RankFailed ("rank R failed: <its message>").
+void run_on_world(ThreadWorld& world, const std::function<void(Comm&)>& body);
 
 }  // namespace paritron::opt

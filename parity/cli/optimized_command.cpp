@@ -29,6 +29,7 @@
 #include "parity/expected.h"
 #if PARITRON_HAVE_MPI
 #include "optimized/comm/mpi_comm.h"
+#include "optimized/comm/nccl_comm.h"
 #endif
 
 namespace paritron::cli {
@@ -143,11 +144,22 @@ int run(const OptimizedCmdOptions& opts) {
 #if PARITRON_HAVE_MPI
   std::unique_ptr<opt::MpiSession> session;
   std::unique_ptr<opt::MpiComm> mpi;
+  std::unique_ptr<opt::Comm> nccl;
   if (opt::mpi_launched()) {
     session = std::make_unique<opt::MpiSession>(nullptr, nullptr);
-    mpi = std::make_unique<opt::MpiComm>();
-    mpi->set_timeout(o.timeout);
-    comm = mpi.get();
+    if (o.backend == "cuda") {
+      // GPU tensors between processes: NCCL, one GPU per process.
+#if defined(PARITRON_HAVE_NCCL)
+      nccl = std::make_unique<opt::NcclComm>(o.timeout);
+      comm = nccl.get();
+#else
+      throw Error("--backend cuda under mpirun needs the NCCL comm: this build has no NCCL");
+#endif
+    } else {
+      mpi = std::make_unique<opt::MpiComm>();
+      mpi->set_timeout(o.timeout);
+      comm = mpi.get();
+    }
   }
 #endif
   const bool reporter = comm == nullptr || comm->rank() == 0;
@@ -160,7 +172,7 @@ int run(const OptimizedCmdOptions& opts) {
     // than the comm timeout: wait for it outside the watchdog before the next
     // case's first collective (a rank that dies still ends the job: mpirun
     // kills the rest).
-    if (mpi) MPI_Barrier(MPI_COMM_WORLD);
+    if (mpi || nccl) MPI_Barrier(MPI_COMM_WORLD);
 #endif
     if (!reporter) continue;
     print(v, pc.layout_name(), opts.dtype, opts.quiet);
@@ -172,7 +184,7 @@ int run(const OptimizedCmdOptions& opts) {
                          {"max_rel_error", r.max_rel_error}, {"atol", r.tolerance.atol}, {"rtol", r.tolerance.rtol}});
     }
     cases.push_back({{"file", v.file}, {"component", v.component}, {"layout", pc.layout_name()},
-                     {"dtype", opts.dtype}, {"comm", comm ? "mpi" : "threads"}, {"passed", !v.failed()},
+                     {"dtype", opts.dtype}, {"comm", comm ? std::string(comm->name()) : std::string(o.backend == "cuda" ? "device-threads" : "threads")}, {"passed", !v.failed()},
                      {"error", v.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(v.error)},
                      {"seconds", v.seconds}, {"tensors", tensors}});
   }

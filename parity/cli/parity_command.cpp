@@ -23,6 +23,7 @@
 #include "common/case_file.h"
 #include "common/error.h"
 #include "parity/cli/commands.h"
+#include "optimized/backend.h"
 #include "optimized/faults.h"
 #include "parity/shrink.h"
 #include "parity/sweep.h"
@@ -237,6 +238,18 @@ int run_parity(const ParityOptions& o) {
   if (o.list_faults) return list_faults();
   const parity::SpecFilter filter = parity::make_filter(o.filter);
   const FaultScope fault(o.filter.fault);
+  parity::set_sweep_backend(o.filter.backend);
+  if (parity::sweep_backend() != "cpu") {
+    // A backend that cannot run here (no GPU, a build without CUDA) is a bad
+    // option, said once, not a failure in every case.
+    try {
+      (void)opt::make_backend(parity::sweep_backend());
+    } catch (const std::exception& e) {
+      std::cerr << "parity: --backend " << parity::sweep_backend() << ": " << e.what() << "\n";
+      return kExitBadInput;
+    }
+    std::cerr << fmt::format("parity: optimized side on the {} backend\n", parity::sweep_backend());
+  }
   if (!o.filter.fault.empty()) {
     std::cerr << fmt::format("parity: fault '{}' injected into the optimized side\n", o.filter.fault);
   }
@@ -311,6 +324,7 @@ int run_parity(const ParityOptions& o) {
                                     {"failed", failed},
                                     {"seconds", seconds},
                                     {"seed", o.seed},
+                                    {"backend", parity::sweep_backend()},
                                     {"fault", o.filter.fault.empty() ? nlohmann::ordered_json(nullptr)
                                                                      : nlohmann::ordered_json(o.filter.fault)}}},
                                   {"cases", cases}}
@@ -341,6 +355,9 @@ void register_parity(CLI::App& app, Action& action) {
   cmd->add_option("--json", opts->json_file, "write {summary, cases} to FILE");
   cmd->add_option("--junit", opts->junit_file, "write a JUnit XML report to FILE");
   cmd->add_option("--save-failures", opts->save_dir, "write each failing case as a case file into DIR");
+  cmd->add_option("--backend", opts->filter.backend,
+                  "kernel backend of the optimized side: cpu (default) or cuda (a CUDA build on a GPU machine; "
+                  "multi-rank layouts run as threads sharing the GPU)");
   cmd->add_option("--fault", opts->filter.fault,
                   "inject the named fault into the optimized side (builds configured with -DPARITRON_FAULTS=ON; "
                   "see --list-faults)");

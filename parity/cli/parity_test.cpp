@@ -65,5 +65,23 @@ TEST(ParityCommand, BadFiltersAreExplained) {
   EXPECT_EQ(run("parity --cases 1 --dtype fp7").exit_code, 2);
 }
 
+// --backend cuda where it cannot run (a CPU-only build, or no GPU) is one
+// clear bad-option error, not a failure in every case. On a GPU machine the
+// same command runs one case on the CUDA backend and names the backend in the
+// repro line of the JSON report.
+TEST(ParityCommand, CudaBackendUnavailableIsABadOption) {
+  const std::filesystem::path json = own_temp_path("backend.json");
+  const Result r = run("parity --cases 1 --backend cuda -q --json " + json.string());
+  if (r.exit_code == 0) {
+    std::ifstream in(json);
+    const auto report = nlohmann::json::parse(in);
+    EXPECT_EQ(report["summary"]["backend"], "cuda");
+    GTEST_SKIP() << "a CUDA device is present: the case ran on it";
+  }
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--backend cuda: backend 'cuda'"), std::string::npos) << r.output;
+  EXPECT_EQ(run("parity --cases 1 --backend tpu").exit_code, 2);
+}
+
 }  // namespace
 }  // namespace paritron::cli_test_util
