@@ -142,7 +142,8 @@ std::string CallDesc::describe() const {
 }
 
 // The first disagreement between the members' posts, or "".
-std::string check_calls(const std::vector<const CallDesc*>& posts, const Group& g) {
+std::string check_calls(const std::vector<const CallDesc*>& posts, const Group& g,
+                        const std::function<bool(DType)>& can_sum) {
   const auto n = static_cast<int64_t>(posts.size());
   const CallDesc& p0 = *posts[0];
   auto fail = [&](std::string_view problem) {
@@ -178,7 +179,9 @@ std::string check_calls(const std::vector<const CallDesc*>& posts, const Group& 
     }
   }
   if (op == "all_reduce" || op == "reduce_scatter") {
-    if (!summable(p0.storage)) return fail(fmt::format("cannot sum {} storage", dtype_name(p0.storage)));
+    if (!(can_sum ? can_sum(p0.storage) : summable(p0.storage))) {
+      return fail(fmt::format("cannot sum {} storage", dtype_name(p0.storage)));
+    }
   }
   if (op == "all_reduce" || op == "broadcast" || op == "all_gather" || op == "reduce_scatter") {
     for (const auto* p : posts) {

@@ -7,7 +7,7 @@
 // on it and on plain ThreadComm with the same values: the results must agree
 // bit for bit. A missing synchronisation point, a copy issued before its sum,
 // or a peer released before this rank's queued writes ran shows up as a
-// difference. Also: check_calls_with (16-bit storages summable, messages
+// difference. Also: check_calls (16-bit storages summable, messages
 // unchanged), failing hooks, and run_on_world's failure semantics.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -164,7 +164,7 @@ struct QueuedWorld {
 };
 
 // ---------------------------------------------------------------------------
-// check_calls_with.
+// check_calls.
 
 CallDesc call(std::string_view op, DType dtype, DType storage, Shape in, Shape out = {}, bool has_out = false) {
   CallDesc d;
@@ -189,8 +189,8 @@ std::string check(const std::vector<CallDesc>& calls, bool device) {
   QueuedMemory q;
   CommMemory host;
   const Group g = world_group(static_cast<int64_t>(calls.size()), 0);
-  if (device) return comm_detail::check_calls_with(ptrs, g, [&](DType d) { return q.can_sum(d); });
-  return comm_detail::check_calls_with(ptrs, g, [&](DType d) { return host.can_sum(d); });
+  if (device) return comm_detail::check_calls(ptrs, g, [&](DType d) { return q.can_sum(d); });
+  return comm_detail::check_calls(ptrs, g, [&](DType d) { return host.can_sum(d); });
 }
 
 TEST(CheckCallsWith, SixteenBitStoragesAreSummableWhereTheMemorySumsThem) {

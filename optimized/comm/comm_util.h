@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -27,8 +28,11 @@ struct CallDesc {
 
 // "" when the members' calls (in group order) agree: same op, group name,
 // dtypes and compatible sizes; else a message naming the op, the group, the
-// problem and each rank's call.
-std::string check_calls(const std::vector<const CallDesc*>& calls, const Group& g);
+// problem and each rank's call. all_reduce and reduce_scatter must sum a
+// storage can_sum accepts: by default the host's summable storages (f32, f64,
+// i64, i32); a device comm also sums bf16 / f16 storage.
+std::string check_calls(const std::vector<const CallDesc*>& calls, const Group& g,
+                        const std::function<bool(DType)>& can_sum = {});
 
 // Throws CommError unless `rank` is member g.index of g and every member is a
 // distinct rank of the world.

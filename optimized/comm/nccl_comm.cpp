@@ -315,7 +315,7 @@ MpiControl::Agreed MpiControl::agree(const CallDesc& call, const Group& g, std::
   reap(false);
   if (n == 1) {
     const std::vector<const CallDesc*> calls = {&mine};
-    const std::string error = check_calls_with(calls, g, can_sum);
+    const std::string error = check_calls(calls, g, can_sum);
     if (!error.empty()) throw CommError(error);
     a.ints.assign(ints.begin(), ints.end());
     return a;
@@ -411,7 +411,7 @@ MpiControl::Agreed MpiControl::agree(const CallDesc& call, const Group& g, std::
   if (error.empty()) {
     std::vector<const CallDesc*> ptrs;
     for (const auto& c : calls) ptrs.push_back(&c);
-    error = check_calls_with(ptrs, g, can_sum);
+    error = check_calls(ptrs, g, can_sum);
   }
   for (int64_t j = 1; j < n && error.empty(); ++j) {
     if (member_needs[static_cast<size_t>(j)] != needs_id) {

@@ -137,7 +137,7 @@ class MpiControl {
     std::optional<UniqueId> id;   // when the call asked for one
   };
   // Every member sends its call (and ints) to the group's first member, which
-  // checks them (comm_detail::check_calls_with with can_sum) and answers
+  // checks them (comm_detail::check_calls with can_sum) and answers
   // every member: on disagreement every member throws the same CommError
   // and the exchange stays usable. `needs_id`: this member has no
   // communicator for the group yet and the call needs one; the members must

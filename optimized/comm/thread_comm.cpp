@@ -36,43 +36,6 @@ void CommMemory::from_host(void* dst, const void* host_src, size_t bytes, std::s
   std::memcpy(dst, host_src, bytes);
 }
 
-namespace comm_detail {
-
-std::string check_calls_with(const std::vector<const CallDesc*>& calls, const Group& g,
-                             const std::function<bool(DType)>& can_sum) {
-  const CallDesc& p0 = *calls[0];
-  const bool sums = p0.op == "all_reduce" || p0.op == "reduce_scatter";
-  if (!sums || summable(p0.storage) || !can_sum(p0.storage)) return check_calls(calls, g);
-  // The stand-in is faithful only when every member stores p0.storage (in
-  // and out); otherwise check_calls fails before the summability test on the
-  // real calls (different dtypes, or an output dtype differing from the input).
-  for (const CallDesc* c : calls) {
-    if (c->storage != p0.storage || (c->has_out && c->out_storage != p0.storage)) return check_calls(calls, g);
-  }
-  std::vector<CallDesc> stand_in;
-  stand_in.reserve(calls.size());
-  for (const CallDesc* c : calls) {
-    stand_in.push_back(*c);
-    stand_in.back().storage = DType::F32;
-    if (c->has_out) stand_in.back().out_storage = DType::F32;
-  }
-  std::vector<const CallDesc*> ptrs;
-  for (const CallDesc& c : stand_in) ptrs.push_back(&c);
-  std::string error = check_calls(ptrs, g);
-  // check_calls lists "rank R passed <call>" for every member: show the real calls.
-  size_t from = 0;
-  for (size_t i = 0; i < calls.size() && !error.empty(); ++i) {
-    const std::string shown = fmt::format("rank {} passed {}", g.ranks[i], stand_in[i].describe());
-    const std::string real = fmt::format("rank {} passed {}", g.ranks[i], calls[i]->describe());
-    const size_t at = error.find(shown, from);
-    if (at == std::string::npos) continue;
-    error.replace(at, shown.size(), real);
-    from = at + real.size();
-  }
-  return error;
-}
-
-}  // namespace comm_detail
 
 // What one member passed to a collective: its call and its buffers.
 struct ThreadComm::Post : CallDesc {
@@ -210,7 +173,7 @@ ThreadComm::Session ThreadComm::enter(const Group& g, Post post) {
   if (++rv->arrived == n) {
     std::vector<const CallDesc*> calls;
     for (const auto& p : rv->posts) calls.push_back(&*p);
-    rv->error = check_calls_with(calls, g, [this](DType d) { return memory_->can_sum(d); });
+    rv->error = check_calls(calls, g, [this](DType d) { return memory_->can_sum(d); });
     rv->complete = true;
     st->cv.notify_all();
   } else {

@@ -53,19 +53,6 @@ struct FloatFormat;
 
 namespace paritron::opt {
 
-namespace comm_detail {
-struct CallDesc;
-
-// check_calls (comm_util.h) where `can_sum` decides which storage dtypes
-// all_reduce and reduce_scatter may sum (check_calls itself accepts only the
-// host's summable storages f32, f64, i64, i32). A storage that only can_sum
-// accepts (bf16 / f16 on a device) is checked as if stored as f32, and a
-// failure's message shows every rank's real call: the text check_calls gives
-// for host storage. With can_sum = summable it is check_calls.
-std::string check_calls_with(const std::vector<const CallDesc*>& calls, const Group& g,
-                             const std::function<bool(DType)>& can_sum);
-}  // namespace comm_detail
-
 // How a ThreadWorld's ranks move and sum data. The base class is the host
 // implementation (memcpy, host sums): ThreadComm's behaviour. Each rank has
 // its own instance, called only from that rank's thread; `context` names the
