@@ -120,6 +120,22 @@ void sum_members(const std::vector<const void*>& inputs, DType storage, int64_t 
   round_in_place(out, storage, count, fmt);
 }
 
+CallDesc tensor_call(std::string_view op, const DTensor& in, const DTensor* out) {
+  CallDesc d;
+  d.op = op;
+  d.has_in = true;
+  d.dtype = in.dtype();
+  d.storage = in.storage_dtype();
+  d.in_shape = in.shape();
+  if (out) {
+    d.has_out = true;
+    d.out_dtype = out->dtype();
+    d.out_storage = out->storage_dtype();
+    d.out_shape = out->shape();
+  }
+  return d;
+}
+
 std::string CallDesc::describe() const {
   std::string s(op);
   s += "(";

@@ -26,6 +26,9 @@ struct CallDesc {
   std::string describe() const;               // "all_gather(F32[2, 3] -> F32[4, 3])"
 };
 
+// The descriptor of a collective on tensor `in` (and `out`, when it has one).
+CallDesc tensor_call(std::string_view op, const DTensor& in, const DTensor* out);
+
 // "" when the members' calls (in group order) agree: same op, group name,
 // dtypes and compatible sizes; else a message naming the op, the group, the
 // problem and each rank's call. all_reduce and reduce_scatter must sum a

@@ -157,22 +157,6 @@ CallDesc decode(const int64_t* v, int64_t n) {
   return d;
 }
 
-CallDesc tensor_call(std::string_view op, const DTensor& in, const DTensor* out) {
-  CallDesc d;
-  d.op = op;
-  d.has_in = true;
-  d.dtype = in.dtype();
-  d.storage = in.storage_dtype();
-  d.in_shape = in.shape();
-  if (out) {
-    d.has_out = true;
-    d.out_dtype = out->dtype();
-    d.out_storage = out->storage_dtype();
-    d.out_shape = out->shape();
-  }
-  return d;
-}
-
 }  // namespace
 
 // Marks the call in progress for the watchdog (which polls: no wake-ups on

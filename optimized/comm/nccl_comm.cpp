@@ -499,22 +499,6 @@ std::string nccl_text(ncclResult_t r, ncclComm_t c) {
   return s;
 }
 
-CallDesc tensor_call(std::string_view op, const DTensor& in, const DTensor* out) {
-  CallDesc d;
-  d.op = op;
-  d.has_in = true;
-  d.dtype = in.dtype();
-  d.storage = in.storage_dtype();
-  d.in_shape = in.shape();
-  if (out) {
-    d.has_out = true;
-    d.out_dtype = out->dtype();
-    d.out_storage = out->storage_dtype();
-    d.out_shape = out->shape();
-  }
-  return d;
-}
-
 uint64_t members_hash(const std::vector<int64_t>& ranks) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (int64_t r : ranks) h = (h ^ static_cast<uint64_t>(r)) * 1099511628211ull;

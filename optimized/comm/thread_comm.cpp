@@ -229,14 +229,7 @@ namespace {
 // What a member posts for a collective reading `in` and writing `out`.
 ThreadComm::Post in_out_post(const char* op, const DTensor& in, DTensor& out) {
   ThreadComm::Post p;
-  p.op = op;
-  p.has_in = p.has_out = true;
-  p.dtype = in.dtype();
-  p.storage = in.storage_dtype();
-  p.out_dtype = out.dtype();
-  p.out_storage = out.storage_dtype();
-  p.in_shape = in.shape();
-  p.out_shape = out.shape();
+  static_cast<CallDesc&>(p) = tensor_call(op, in, &out);
   p.in = in.data();
   p.out = out.data();
   return p;
@@ -245,11 +238,7 @@ ThreadComm::Post in_out_post(const char* op, const DTensor& in, DTensor& out) {
 // ... and for one working in place on t.
 ThreadComm::Post in_place_post(const char* op, DTensor& t) {
   ThreadComm::Post p;
-  p.op = op;
-  p.has_in = true;
-  p.dtype = t.dtype();
-  p.storage = t.storage_dtype();
-  p.in_shape = t.shape();
+  static_cast<CallDesc&>(p) = tensor_call(op, t, nullptr);
   p.in = t.data();
   p.out = t.data();
   return p;
